@@ -1,0 +1,749 @@
+//! The dataplane's TOML configuration: loading and validation.
+//!
+//! Every error names the file, the line and the field (`policy[2].dst`), so an
+//! operator can fix it without reading code. Values with their own syntax
+//! (prefixes, port ranges, protocols) are parsed while TOML is deserialised,
+//! so the `toml` crate attaches the location; checks that need several fields
+//! keep the field's span (`toml::Spanned`) and compute the line from it.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::filter::{Action, Direction, PortRange, Prefix, Protocol, Rule};
+
+/// Largest burst a worker asks of a port (and the size of its per-burst arrays).
+pub const MAX_BURST: usize = 256;
+
+/// A configuration that failed to load: where, which field, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// Dotted path of the field, e.g. `policy[1].sport`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What to do with an IP packet that no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    Bypass,
+    Discard,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EalConfig {
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    pub workers: usize,
+    pub burst: usize,
+    pub default_action: DefaultAction,
+    /// CPUs to pin the workers to; `None` = the last `workers` CPUs this process may use.
+    pub cores: Option<Vec<usize>>,
+    pub rx_descriptors: u16,
+    pub tx_descriptors: u16,
+    /// mbufs in the pool (shared by all workers and ports).
+    pub mbufs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortConfig {
+    /// A DPDK device: vdev arguments (`net_pcap0,rx_pcap=…`) or a PCI address.
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub eal: EalConfig,
+    pub dataplane: DataplaneConfig,
+    pub inside: PortConfig,
+    pub outside: PortConfig,
+    /// Rules in file order; the filter keeps the order per direction.
+    pub policies: Vec<Rule>,
+}
+
+// ---- raw shapes, as they are written in the file ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    eal: Option<RawEal>,
+    dataplane: Option<RawDataplane>,
+    ports: RawPorts,
+    #[serde(default)]
+    policy: Vec<RawPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEal {
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    workers: Option<Spanned<usize>>,
+    burst: Option<Spanned<usize>>,
+    default_action: Option<DefaultAction>,
+    cores: Option<Spanned<Vec<usize>>>,
+    rx_descriptors: Option<Spanned<u16>>,
+    tx_descriptors: Option<Spanned<u16>>,
+    mbufs: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPorts {
+    inside: RawPort,
+    outside: RawPort,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    device: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    direction: Direction,
+    src: Option<Spanned<AnyPrefix>>,
+    dst: Option<Spanned<AnyPrefix>>,
+    #[serde(default)]
+    proto: Protocol,
+    #[serde(default)]
+    sport: PortRange,
+    #[serde(default)]
+    dport: PortRange,
+    action: Spanned<RawAction>,
+    sa: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawAction {
+    Protect,
+    Bypass,
+    Discard,
+}
+
+/// `any` (the default) or an IPv4/IPv6 prefix.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct AnyPrefix(Option<Prefix>);
+
+impl<'de> Deserialize<'de> for AnyPrefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim() == "any" {
+            return Ok(AnyPrefix(None));
+        }
+        Prefix::from_str(&s)
+            .map(|p| AnyPrefix(Some(p)))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum NumOrName {
+            Num(i64),
+            Name(String),
+        }
+        match NumOrName::deserialize(d)? {
+            NumOrName::Num(n) => match u8::try_from(n) {
+                Ok(n) => Protocol::from_str(&n.to_string()).map_err(serde::de::Error::custom),
+                Err(_) => Err(serde::de::Error::custom(format!(
+                    "protocol number {n} is not in 0..=255"
+                ))),
+            },
+            NumOrName::Name(s) => Protocol::from_str(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum NumOrText {
+            Num(i64),
+            Text(String),
+        }
+        match NumOrText::deserialize(d)? {
+            NumOrText::Num(n) => u16::try_from(n)
+                .map(|p| PortRange { lo: p, hi: p })
+                .map_err(|_| serde::de::Error::custom(format!("port {n} is not in 0..=65535"))),
+            NumOrText::Text(s) => PortRange::from_str(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Direction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "out" => Ok(Direction::Out),
+            "in" => Ok(Direction::In),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown direction `{other}`: expected `out` (inside -> outside) or `in` (outside -> inside)"
+            ))),
+        }
+    }
+}
+
+/// 1-based line of byte offset `pos` in `text`.
+fn line_of(text: &str, pos: usize) -> usize {
+    text[..pos.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        field: String,
+        message: String,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(line_of(self.text, span.start)),
+            field: Some(field),
+            message,
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            field: None,
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is used in messages only.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        let ctx = Ctx { file: path, text };
+
+        let eal = EalConfig {
+            args: raw.eal.map(|e| e.args).unwrap_or_else(default_eal_args),
+        };
+
+        let rd = raw.dataplane.unwrap_or(RawDataplane {
+            workers: None,
+            burst: None,
+            default_action: None,
+            cores: None,
+            rx_descriptors: None,
+            tx_descriptors: None,
+            mbufs: None,
+        });
+        let workers = match rd.workers {
+            Some(w) if *w.get_ref() == 0 || *w.get_ref() > 64 => {
+                return ctx.err(
+                    w.span(),
+                    "dataplane.workers".into(),
+                    format!("{} workers: expected 1 to 64 (one per core)", w.get_ref()),
+                )
+            }
+            Some(w) => w.into_inner(),
+            None => 1,
+        };
+        let burst = match rd.burst {
+            Some(b) if *b.get_ref() == 0 || *b.get_ref() > MAX_BURST => {
+                return ctx.err(
+                    b.span(),
+                    "dataplane.burst".into(),
+                    format!(
+                        "burst {} is out of range: expected 1 to {MAX_BURST} (32 is usual)",
+                        b.get_ref()
+                    ),
+                )
+            }
+            Some(b) => b.into_inner(),
+            None => 32,
+        };
+        let cores = match rd.cores {
+            Some(c) if c.get_ref().len() != workers => {
+                return ctx.err(
+                    c.span(),
+                    "dataplane.cores".into(),
+                    format!(
+                        "{} cores listed for {workers} workers: list one core per worker",
+                        c.get_ref().len()
+                    ),
+                )
+            }
+            Some(c) => {
+                let mut sorted = c.get_ref().clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                if sorted.len() != workers {
+                    return ctx.err(
+                        c.span(),
+                        "dataplane.cores".into(),
+                        "a core is listed twice: each worker needs its own core".into(),
+                    );
+                }
+                Some(c.into_inner())
+            }
+            None => None,
+        };
+        let descriptors = |v: Option<Spanned<u16>>, name: &str| -> Result<u16, ConfigError> {
+            match v {
+                Some(d)
+                    if !(64..=16384).contains(d.get_ref()) || !d.get_ref().is_power_of_two() =>
+                {
+                    ctx.err(
+                        d.span(),
+                        format!("dataplane.{name}"),
+                        format!(
+                            "{} descriptors: expected a power of two from 64 to 16384",
+                            d.get_ref()
+                        ),
+                    )
+                }
+                Some(d) => Ok(d.into_inner()),
+                None => Ok(1024),
+            }
+        };
+        let rx_descriptors = descriptors(rd.rx_descriptors, "rx_descriptors")?;
+        let tx_descriptors = descriptors(rd.tx_descriptors, "tx_descriptors")?;
+        let mbufs = match rd.mbufs {
+            Some(m) if *m.get_ref() < 1024 => {
+                return ctx.err(m.span(), "dataplane.mbufs".into(), format!(
+                    "{} mbufs is too few: at least 1024 (descriptors and bursts of every queue hold mbufs)",
+                    m.get_ref()))
+            }
+            Some(m) => m.into_inner(),
+            None => 0, // sized from the queues below
+        };
+        let needed = (workers as u32)
+            * 2
+            * (rx_descriptors as u32 + tx_descriptors as u32 + 2 * burst as u32);
+        let mbufs = if mbufs == 0 {
+            (needed + 4096).next_power_of_two() - 1
+        } else {
+            mbufs
+        };
+
+        let dataplane = DataplaneConfig {
+            workers,
+            burst,
+            default_action: rd.default_action.unwrap_or(DefaultAction::Bypass),
+            cores,
+            rx_descriptors,
+            tx_descriptors,
+            mbufs,
+        };
+
+        let port = |p: RawPort, name: &str| -> Result<PortConfig, ConfigError> {
+            let dev = p.device.get_ref().trim();
+            if dev.is_empty() {
+                return ctx.err(
+                    p.device.span(),
+                    format!("ports.{name}.device"),
+                    "empty device: give vdev arguments (net_pcap0,rx_pcap=…) or a PCI address"
+                        .into(),
+                );
+            }
+            Ok(PortConfig {
+                device: dev.to_string(),
+            })
+        };
+        let inside = port(raw.ports.inside, "inside")?;
+        let outside = port(raw.ports.outside, "outside")?;
+        if device_name(&inside.device) == device_name(&outside.device) {
+            return Err(ConfigError {
+                file: path.to_path_buf(),
+                line: None,
+                field: Some("ports.outside.device".into()),
+                message: format!(
+                    "inside and outside are the same device `{}`",
+                    device_name(&inside.device)
+                ),
+            });
+        }
+
+        let mut policies = Vec::with_capacity(raw.policy.len());
+        for (i, p) in raw.policy.into_iter().enumerate() {
+            let field = |f: &str| format!("policy[{i}].{f}");
+            let name = p.name.get_ref().trim().to_string();
+            if name.is_empty() {
+                return ctx.err(p.name.span(), field("name"), "empty rule name".into());
+            }
+            if policies.iter().any(|r: &Rule| r.name == name) {
+                return ctx.err(
+                    p.name.span(),
+                    field("name"),
+                    format!("rule name `{name}` is used twice"),
+                );
+            }
+            let prefix = |p: &Option<Spanned<AnyPrefix>>| p.as_ref().and_then(|s| s.get_ref().0);
+            let (src, dst) = (prefix(&p.src), prefix(&p.dst));
+            if let (Some(s), Some(d), Some(dspan)) = (src, dst, p.dst.as_ref()) {
+                if s.is_ipv4() != d.is_ipv4() {
+                    return ctx.err(
+                        dspan.span(),
+                        field("dst"),
+                        format!("`{d}` and src `{s}` are of different address families"),
+                    );
+                }
+            }
+            let action = match (*p.action.get_ref(), &p.sa) {
+                (RawAction::Protect, Some(sa)) if !sa.get_ref().trim().is_empty() => {
+                    Action::Protect {
+                        sa: sa.get_ref().trim().to_string(),
+                    }
+                }
+                (RawAction::Protect, _) => {
+                    return ctx.err(
+                        p.action.span(),
+                        field("sa"),
+                        "a protect rule needs `sa = \"<name of an SA>\"`".into(),
+                    )
+                }
+                (_, Some(sa)) => {
+                    return ctx.err(
+                        sa.span(),
+                        field("sa"),
+                        "`sa` is only meaningful with action = \"protect\"".into(),
+                    )
+                }
+                (RawAction::Bypass, None) => Action::Bypass,
+                (RawAction::Discard, None) => Action::Discard,
+            };
+            let icmp_like = matches!(p.proto, Protocol::Icmp | Protocol::Icmpv6);
+            if !(p.proto.has_ports() || icmp_like) && (!p.sport.is_any() || !p.dport.is_any()) {
+                return ctx.err(p.action.span(), field("sport"), format!(
+                    "ports need proto = tcp, udp or sctp (or icmp/icmpv6, where sport is the type and dport the code); this rule has proto {}",
+                    p.proto));
+            }
+            if let (Protocol::Icmp, Some(pf)) = (p.proto, src.or(dst)) {
+                if !pf.is_ipv4() {
+                    return ctx.err(
+                        p.action.span(),
+                        field("proto"),
+                        "icmp is IPv4's; use icmpv6 with IPv6 prefixes".into(),
+                    );
+                }
+            }
+            if let (Protocol::Icmpv6, Some(pf)) = (p.proto, src.or(dst)) {
+                if pf.is_ipv4() {
+                    return ctx.err(
+                        p.action.span(),
+                        field("proto"),
+                        "icmpv6 is IPv6's; use icmp with IPv4 prefixes".into(),
+                    );
+                }
+            }
+            if icmp_like && (p.sport.hi > 255 || p.dport.hi > 255) {
+                return ctx.err(
+                    p.action.span(),
+                    field("sport"),
+                    "for icmp/icmpv6, sport is the ICMP type and dport the code: 0 to 255".into(),
+                );
+            }
+            policies.push(Rule {
+                name,
+                direction: p.direction,
+                src,
+                dst,
+                proto: p.proto,
+                sport: p.sport,
+                dport: p.dport,
+                action,
+            });
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            eal,
+            dataplane,
+            inside,
+            outside,
+            policies,
+        })
+    }
+}
+
+/// The EAL arguments used when `[eal]` is absent: no hugepages, no PCI scan.
+pub fn default_eal_args() -> Vec<String> {
+    [
+        "--no-huge",
+        "-m",
+        "512",
+        "--no-pci",
+        "--no-shconf",
+        "--no-telemetry",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The DPDK device name of a device string: `net_pcap0` of `net_pcap0,rx_pcap=…`.
+pub fn device_name(device: &str) -> &str {
+    device.split(',').next().unwrap_or(device).trim()
+}
+
+/// True when `device` is a PCI address (`0000:01:00.0` or `01:00.0`), not a vdev.
+pub fn is_pci_address(device: &str) -> bool {
+    let name = device_name(device);
+    let parts: Vec<&str> = name.split(':').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
+    let bdf = |bus: &str, devfn: &str| {
+        let mut it = devfn.split('.');
+        hex(bus, 2)
+            && it.next().is_some_and(|d| hex(d, 2))
+            && it
+                .next()
+                .is_some_and(|f| f.len() == 1 && f.chars().all(|c| c.is_digit(8)))
+            && it.next().is_none()
+    };
+    match parts.as_slice() {
+        [dom, bus, devfn] => hex(dom, 4) && bdf(bus, devfn),
+        [bus, devfn] => bdf(bus, devfn),
+        _ => false,
+    }
+}
+
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_of(text, s.start));
+    // The toml crate puts the key path in the message for unknown/missing keys;
+    // for values it points at the value, whose key we recover from the line.
+    let field = e.span().and_then(|s| {
+        let start = text[..s.start.min(text.len())]
+            .rfind('\n')
+            .map_or(0, |p| p + 1);
+        let end = text[s.start.min(text.len())..]
+            .find('\n')
+            .map_or(text.len(), |p| s.start + p);
+        let line_text = &text[start..end];
+        let key = line_text.split('=').next()?.trim();
+        let in_value = line_text.find('=').is_some_and(|eq| start + eq < s.start);
+        (in_value && !key.is_empty() && !key.starts_with('[')).then(|| {
+            match table_path_at(text, start) {
+                Some(t) => format!("{t}.{key}"),
+                None => key.to_string(),
+            }
+        })
+    });
+    ConfigError {
+        file: path.to_path_buf(),
+        line,
+        field,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// The table header in force at byte `pos`, with array-of-table indices: `policy[3]`.
+fn table_path_at(text: &str, pos: usize) -> Option<String> {
+    let mut current: Option<String> = None;
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if offset > pos {
+            break;
+        }
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = counts.entry(name.clone()).or_insert(0);
+            current = Some(format!("{name}[{n}]"));
+            *n += 1;
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            current = Some(name.trim().to_string());
+        }
+        offset += line.len();
+    }
+    current
+}
+
+/// Parses an address as written in the config (used by tools and tests).
+pub fn parse_addr(s: &str) -> Option<IpAddr> {
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[eal]
+args = ["--no-huge"]
+
+[dataplane]
+workers = 1
+burst = 32
+default_action = "discard"
+
+[ports.inside]
+device = "net_null0"
+[ports.outside]
+device = "net_null1"
+
+[[policy]]
+name = "web"
+direction = "out"
+src = "10.0.0.0/24"
+dst = "any"
+proto = "tcp"
+sport = "any"
+dport = "1000-2000"
+action = "bypass"
+
+[[policy]]
+name = "hq"
+direction = "in"
+src = "2001:db8::/32"
+proto = 17
+dport = 53
+action = "protect"
+sa = "to-hq"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.dataplane.default_action, DefaultAction::Discard);
+        assert_eq!(c.policies.len(), 2);
+        assert_eq!(c.policies[0].dport, PortRange { lo: 1000, hi: 2000 });
+        assert_eq!(c.policies[1].proto, Protocol::Udp);
+        assert_eq!(c.policies[1].dport, PortRange { lo: 53, hi: 53 });
+        assert_eq!(c.policies[1].action, Action::Protect { sa: "to-hq".into() });
+        assert!(c.dataplane.mbufs >= 4096);
+    }
+
+    fn expect_err(text: &str, line: usize, field: &str, needle: &str) {
+        let e = parse(text).expect_err("config should be rejected");
+        assert_eq!(e.line, Some(line), "{e}");
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+        assert!(
+            e.message.contains(needle),
+            "message `{}` lacks `{needle}`",
+            e.message
+        );
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("test.toml:{line}: field `{field}`")),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn bad_prefix_names_line_and_field() {
+        let t = GOOD.replace("src = \"10.0.0.0/24\"", "src = \"10.0.0.0/33\"");
+        expect_err(&t, 18, "policy[0].src", "prefix length 33");
+    }
+
+    #[test]
+    fn bad_port_range_names_line_and_field() {
+        let t = GOOD.replace("\"1000-2000\"", "\"2000-1000\"");
+        expect_err(&t, 22, "policy[0].dport", "2000-1000");
+    }
+
+    #[test]
+    fn bad_proto_and_action() {
+        let t = GOOD.replace("proto = \"tcp\"", "proto = \"tcpp\"");
+        expect_err(&t, 20, "policy[0].proto", "tcpp");
+        let t = GOOD.replace("action = \"bypass\"", "action = \"allow\"");
+        expect_err(&t, 23, "policy[0].action", "allow");
+    }
+
+    #[test]
+    fn protect_without_sa_and_sa_without_protect() {
+        let t = GOOD.replace("sa = \"to-hq\"", "");
+        expect_err(&t, 31, "policy[1].sa", "needs `sa");
+        let t = GOOD.replace("action = \"bypass\"", "action = \"bypass\"\nsa = \"x\"");
+        expect_err(&t, 24, "policy[0].sa", "only meaningful");
+    }
+
+    #[test]
+    fn mixed_families_rejected() {
+        let t = GOOD.replace("dst = \"any\"", "dst = \"::/0\"");
+        expect_err(&t, 19, "policy[0].dst", "different address families");
+    }
+
+    #[test]
+    fn unknown_key_and_workers_range() {
+        let e = parse(&GOOD.replace("burst = 32", "brust = 32")).unwrap_err();
+        assert_eq!(e.line, Some(7));
+        assert!(e.message.contains("brust"), "{e}");
+        expect_err(
+            &GOOD.replace("workers = 1", "workers = 0"),
+            6,
+            "dataplane.workers",
+            "expected 1 to 64",
+        );
+    }
+
+    #[test]
+    fn duplicate_rule_name() {
+        let t = GOOD.replace("name = \"hq\"", "name = \"web\"");
+        expect_err(&t, 26, "policy[1].name", "used twice");
+    }
+
+    #[test]
+    fn ports_without_port_protocol() {
+        let t = GOOD.replace("proto = \"tcp\"", "proto = \"any\"");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("policy[0].sport"));
+    }
+
+    #[test]
+    fn pci_addresses_recognised() {
+        assert!(is_pci_address("0000:01:00.0"));
+        assert!(is_pci_address("01:00.1"));
+        assert!(!is_pci_address("net_pcap0,rx_pcap=x"));
+        assert_eq!(device_name("net_pcap0,rx_pcap=x"), "net_pcap0");
+    }
+}

@@ -1,0 +1,847 @@
+//! The one module of the dataplane that calls DPDK: every `unsafe` lives here.
+//!
+//! Invariants the safe API relies on:
+//! - EAL is initialised once per process ([`Eal::init`] or [`init_eal_for_tests`]);
+//!   nothing else here may be called before (ports, pools and ACL contexts are
+//!   only obtainable after it).
+//! - A [`Burst`] owns the mbufs it holds: each pointer in `mbufs[..len]` came
+//!   from an RX burst, is referenced nowhere else, and is either handed to a TX
+//!   queue or freed exactly once. A burst never leaves the thread that filled it
+//!   (raw pointers make it `!Send`).
+//! - Each (port, queue) pair is polled by exactly one worker ([`PortQueue`] is
+//!   handed out per worker by the caller; DPDK's RX/TX queues are not
+//!   thread-safe).
+//! - Frames are read through their first segment only; `frame()` never
+//!   exposes more than `data_len` bytes of it.
+//! - ACL contexts are immutable after `build`; `rte_acl_classify` on them is
+//!   safe from any number of threads at once.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+
+use dpdk_sys as sys;
+
+use crate::config::MAX_BURST;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DpdkError {
+    #[error("EAL initialisation failed: {0} (arguments: {1})")]
+    EalInit(String, String),
+    #[error("port {name}: device `{device}` was not found after EAL start: {hint}")]
+    PortNotFound {
+        name: String,
+        device: String,
+        hint: String,
+    },
+    #[error("port {name}: {what} failed: {reason}")]
+    Port {
+        name: String,
+        what: String,
+        reason: String,
+    },
+    #[error("mbuf pool of {n} buffers could not be created: {0}", n = .1)]
+    Mempool(String, u32),
+    #[error("ACL {what} failed: {reason}")]
+    Acl { what: String, reason: String },
+    #[error("{0}")]
+    Lcore(String),
+}
+
+fn errno_text(code: c_int) -> String {
+    let code = code.abs();
+    // SAFETY: rte_strerror returns a pointer to a static or thread-local string.
+    let s = unsafe { CStr::from_ptr(sys::rte_strerror(code)) };
+    format!("{} (errno {code})", s.to_string_lossy())
+}
+
+fn rte_errno_text() -> String {
+    // SAFETY: reads the calling thread's rte_errno through the shim.
+    errno_text(unsafe { sys::bitw_rte_errno() })
+}
+
+/// Proof that EAL is up in this process.
+pub struct Eal {
+    _private: (),
+}
+
+impl Eal {
+    /// Starts EAL with `args` (without the program name). Only once per process.
+    pub fn init(args: &[String]) -> Result<Eal, DpdkError> {
+        let mut owned: Vec<CString> = Vec::with_capacity(args.len() + 1);
+        owned.push(CString::new("bitw-dataplane").unwrap());
+        for a in args {
+            owned.push(CString::new(a.as_str()).map_err(|_| {
+                DpdkError::EalInit(
+                    format!("argument {a:?} contains a NUL byte"),
+                    args.join(" "),
+                )
+            })?);
+        }
+        // EAL may permute argv; give it pointers it can shuffle, backed by `owned`.
+        let mut argv: Vec<*mut c_char> = owned.iter().map(|c| c.as_ptr() as *mut c_char).collect();
+        argv.push(ptr::null_mut());
+        // SAFETY: argv is NUL-terminated, its strings outlive the call (EAL copies what it keeps).
+        let rc = unsafe { sys::rte_eal_init((argv.len() - 1) as c_int, argv.as_mut_ptr()) };
+        if rc < 0 {
+            return Err(DpdkError::EalInit(rte_errno_text(), args.join(" ")));
+        }
+        std::mem::forget(owned); // EAL may keep pointers into argv (e.g. for --vdev devargs).
+        Ok(Eal { _private: () })
+    }
+
+    /// Number of lcores EAL runs (main included).
+    pub fn lcore_count(&self) -> usize {
+        // SAFETY: EAL is initialised.
+        unsafe { sys::rte_lcore_count() as usize }
+    }
+
+    /// Releases EAL resources; call once, after every port is closed.
+    pub fn cleanup(self) {
+        // SAFETY: no DPDK object is used after this (self is consumed).
+        unsafe { sys::rte_eal_cleanup() };
+    }
+}
+
+/// Starts EAL once for a unit-test binary (no hugepages, no devices).
+pub fn init_eal_for_tests() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let args: Vec<String> = [
+            "--no-huge",
+            "-m",
+            "256",
+            "--no-pci",
+            "--no-shconf",
+            "--no-telemetry",
+            "-l",
+            "0",
+            "--log-level",
+            "lib.eal:error",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--file-prefix".to_string(),
+            format!("bitw-unit-{}", std::process::id()),
+        ])
+        .collect();
+        if let Err(e) = Eal::init(&args) {
+            panic!("unit tests need EAL: {e}");
+        }
+    });
+}
+
+/// The TSC frequency (cycles per second).
+pub fn tsc_hz() -> u64 {
+    // SAFETY: reads a value EAL computed at init.
+    unsafe { sys::bitw_rte_get_tsc_hz() }
+}
+
+/// The time-stamp counter.
+#[inline]
+pub fn tsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions.
+    unsafe { sys::bitw_rte_rdtsc() }
+}
+
+/// A pool of packet buffers shared by all ports and workers.
+pub struct Mempool {
+    ptr: NonNull<sys::rte_mempool>,
+}
+
+// SAFETY: rte_mempool is multi-producer/multi-consumer safe.
+unsafe impl Send for Mempool {}
+unsafe impl Sync for Mempool {}
+
+impl Mempool {
+    pub fn new(_eal: &Eal, name: &str, n: u32) -> Result<Mempool, DpdkError> {
+        let cname = CString::new(name).unwrap();
+        let cache = 256u32.min(n / 8);
+        // SAFETY: EAL is up (witnessed by `_eal`); name is NUL-terminated.
+        let p = unsafe {
+            sys::rte_pktmbuf_pool_create(
+                cname.as_ptr(),
+                n,
+                cache,
+                0,
+                sys::RTE_MBUF_DEFAULT_BUF_SIZE as u16,
+                sys::rte_socket_id() as c_int,
+            )
+        };
+        NonNull::new(p)
+            .map(|ptr| Mempool { ptr })
+            .ok_or_else(|| DpdkError::Mempool(rte_errno_text(), n))
+    }
+
+    /// Buffers currently free in the pool (all caches included).
+    pub fn available(&self) -> u32 {
+        // SAFETY: the pool lives as long as self.
+        unsafe { sys::bitw_rte_mempool_avail_count(self.ptr.as_ptr()) }
+    }
+}
+
+/// Hardware counters of a port, as the PMD reports them.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PortStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_missed: u64,
+    pub rx_errors: u64,
+    pub tx_errors: u64,
+    pub rx_nombuf: u64,
+}
+
+/// A configured ethdev port.
+pub struct Port {
+    pub id: u16,
+    pub name: String,
+    queues: u16,
+    started: bool,
+}
+
+/// What a port was asked for.
+pub struct PortSetup<'a> {
+    /// "inside" or "outside": used in messages.
+    pub name: &'a str,
+    /// The ethdev name (`net_pcap0`, `0000:01:00.0`).
+    pub device_name: &'a str,
+    pub queues: u16,
+    pub rx_descriptors: u16,
+    pub tx_descriptors: u16,
+}
+
+impl Port {
+    /// Finds the device EAL probed, configures `queues` RX and TX queues, starts
+    /// it and turns promiscuous mode on (a bump in the wire receives every frame).
+    pub fn open(_eal: &Eal, pool: &Mempool, s: &PortSetup) -> Result<Port, DpdkError> {
+        let err = |what: &str, reason: String| DpdkError::Port {
+            name: s.name.to_string(),
+            what: what.to_string(),
+            reason,
+        };
+        let cname = CString::new(s.device_name).unwrap();
+        let mut id = 0u16;
+        // SAFETY: EAL is up; cname is NUL-terminated; id is a valid out pointer.
+        let rc = unsafe { sys::rte_eth_dev_get_port_by_name(cname.as_ptr(), &mut id) };
+        if rc != 0 {
+            return Err(DpdkError::PortNotFound {
+                name: s.name.to_string(),
+                device: s.device_name.to_string(),
+                hint: "check the device arguments (EAL's messages above say why a vdev failed), \
+                       that a PCI device is bound to vfio-pci/uio and not excluded by --no-pci"
+                    .into(),
+            });
+        }
+        let mut info: sys::rte_eth_dev_info = Default::default();
+        // SAFETY: id is a valid port; info is a valid out pointer.
+        let rc = unsafe { sys::rte_eth_dev_info_get(id, &mut info) };
+        if rc != 0 {
+            return Err(err("reading device info", errno_text(rc)));
+        }
+        if s.queues > info.max_rx_queues || s.queues > info.max_tx_queues {
+            return Err(err(
+                "queue setup",
+                format!(
+                    "{} workers need {} RX and TX queues, the device offers {} RX / {} TX; \
+                     lower dataplane.workers or give the device more queues",
+                    s.queues, s.queues, info.max_rx_queues, info.max_tx_queues
+                ),
+            ));
+        }
+        let mut conf: sys::rte_eth_conf = Default::default();
+        if s.queues > 1 && info.flow_type_rss_offloads != 0 {
+            // RSS spreads flows over the workers' queues.
+            conf.rxmode.mq_mode = sys::rte_eth_rx_mq_mode_RTE_ETH_MQ_RX_RSS;
+            // SAFETY: plain function returning a constant.
+            conf.rx_adv_conf.rss_conf.rss_hf =
+                unsafe { sys::bitw_rss_hf_default() } & info.flow_type_rss_offloads;
+        }
+        // SAFETY: id valid; conf fully initialised.
+        let rc = unsafe { sys::rte_eth_dev_configure(id, s.queues, s.queues, &conf) };
+        if rc != 0 {
+            return Err(err("configure", errno_text(rc)));
+        }
+        let (mut nb_rx, mut nb_tx) = (s.rx_descriptors, s.tx_descriptors);
+        // SAFETY: id valid; out pointers valid.
+        let rc = unsafe { sys::rte_eth_dev_adjust_nb_rx_tx_desc(id, &mut nb_rx, &mut nb_tx) };
+        if rc != 0 {
+            return Err(err("descriptor adjustment", errno_text(rc)));
+        }
+        // SAFETY: id valid.
+        let socket = unsafe { sys::rte_eth_dev_socket_id(id) };
+        for q in 0..s.queues {
+            // SAFETY: id valid, queue index < configured count, pool outlives the port
+            // (the caller keeps it until after close).
+            let rc = unsafe {
+                sys::rte_eth_rx_queue_setup(
+                    id,
+                    q,
+                    nb_rx,
+                    socket as u32,
+                    ptr::null(),
+                    pool.ptr.as_ptr(),
+                )
+            };
+            if rc != 0 {
+                return Err(err(&format!("RX queue {q} setup"), errno_text(rc)));
+            }
+            // SAFETY: as above.
+            let rc =
+                unsafe { sys::rte_eth_tx_queue_setup(id, q, nb_tx, socket as u32, ptr::null()) };
+            if rc != 0 {
+                return Err(err(&format!("TX queue {q} setup"), errno_text(rc)));
+            }
+        }
+        // SAFETY: id valid and configured.
+        let rc = unsafe { sys::rte_eth_dev_start(id) };
+        if rc != 0 {
+            return Err(err("start", errno_text(rc)));
+        }
+        // Not every PMD has promiscuous mode (vdevs often don't need it): ignore ENOTSUP.
+        // SAFETY: id valid and started.
+        unsafe { sys::rte_eth_promiscuous_enable(id) };
+        Ok(Port {
+            id,
+            name: s.name.to_string(),
+            queues: s.queues,
+            started: true,
+        })
+    }
+
+    /// The handle worker `q` uses for this port.
+    pub fn queue(&self, q: u16) -> PortQueue {
+        assert!(
+            q < self.queues,
+            "queue {q} of port {} not configured",
+            self.name
+        );
+        PortQueue {
+            port: self.id,
+            queue: q,
+        }
+    }
+
+    pub fn stats(&self) -> PortStats {
+        let mut s: sys::rte_eth_stats = Default::default();
+        // SAFETY: id valid; s is a valid out pointer.
+        unsafe { sys::rte_eth_stats_get(self.id, &mut s) };
+        PortStats {
+            rx_packets: s.ipackets,
+            rx_bytes: s.ibytes,
+            tx_packets: s.opackets,
+            tx_bytes: s.obytes,
+            rx_missed: s.imissed,
+            rx_errors: s.ierrors,
+            tx_errors: s.oerrors,
+            rx_nombuf: s.rx_nombuf,
+        }
+    }
+
+    /// Stops and closes the port (flushes net_pcap's output file).
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if self.started {
+            // SAFETY: id valid; no worker polls it any more (callers close after join).
+            unsafe {
+                sys::rte_eth_dev_stop(self.id);
+                sys::rte_eth_dev_close(self.id);
+            }
+            self.started = false;
+        }
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// One RX/TX queue pair of a port, polled by exactly one worker.
+#[derive(Debug, Clone, Copy)]
+pub struct PortQueue {
+    port: u16,
+    queue: u16,
+}
+
+/// What a transmit did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TxOutcome {
+    pub sent: u32,
+    pub sent_bytes: u64,
+    /// Kept by the caller but refused by the TX queue (full): freed.
+    pub refused: u32,
+    /// Not kept by the caller: freed.
+    pub dropped: u32,
+}
+
+/// Up to [`MAX_BURST`] received frames, owned until forwarded or freed.
+pub struct Burst {
+    mbufs: [*mut sys::rte_mbuf; MAX_BURST],
+    len: usize,
+}
+
+impl Default for Burst {
+    fn default() -> Self {
+        Burst {
+            mbufs: [ptr::null_mut(); MAX_BURST],
+            len: 0,
+        }
+    }
+}
+
+impl Burst {
+    /// Receives up to `max` frames from `q` into an empty burst.
+    #[inline]
+    pub fn rx(&mut self, q: PortQueue, max: usize) -> usize {
+        debug_assert_eq!(self.len, 0, "rx into a burst that still holds frames");
+        let max = max.min(MAX_BURST) as u16;
+        // SAFETY: the array has room for `max` pointers; (port, queue) is polled only by this worker.
+        let n =
+            unsafe { sys::bitw_rte_eth_rx_burst(q.port, q.queue, self.mbufs.as_mut_ptr(), max) };
+        self.len = n as usize;
+        self.len
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first segment of frame `i` (all of it unless the PMD chained segments).
+    #[inline]
+    pub fn frame(&self, i: usize) -> &[u8] {
+        assert!(i < self.len);
+        let m = self.mbufs[i];
+        // SAFETY: m is an owned, valid mbuf; data_len bytes from mtod are initialised packet data.
+        unsafe {
+            let p = sys::bitw_rte_pktmbuf_mtod(m);
+            std::slice::from_raw_parts(p, sys::bitw_rte_pktmbuf_data_len(m) as usize)
+        }
+    }
+
+    /// Total length of frame `i` over all segments.
+    #[inline]
+    pub fn pkt_len(&self, i: usize) -> u32 {
+        assert!(i < self.len);
+        // SAFETY: owned, valid mbuf.
+        unsafe { sys::bitw_rte_pktmbuf_pkt_len(self.mbufs[i]) }
+    }
+
+    /// Sends the frames with `keep[i]` set through `q`, in order; frees the
+    /// others and any the queue refuses. Leaves the burst empty.
+    #[inline]
+    pub fn forward(&mut self, keep: &[bool], q: PortQueue) -> TxOutcome {
+        debug_assert!(keep.len() >= self.len);
+        let mut tx: [*mut sys::rte_mbuf; MAX_BURST] = [ptr::null_mut(); MAX_BURST];
+        let mut drop: [*mut sys::rte_mbuf; MAX_BURST] = [ptr::null_mut(); MAX_BURST];
+        let mut lens = [0u32; MAX_BURST];
+        let (mut nt, mut nd) = (0usize, 0usize);
+        for i in 0..self.len {
+            if keep[i] {
+                tx[nt] = self.mbufs[i];
+                lens[nt] = self.pkt_len(i);
+                nt += 1;
+            } else {
+                drop[nd] = self.mbufs[i];
+                nd += 1;
+            }
+        }
+        self.len = 0;
+        let mut out = TxOutcome {
+            dropped: nd as u32,
+            ..Default::default()
+        };
+        // SAFETY: each pointer is an owned mbuf moved out of the burst above; after
+        // tx_burst the first `sent` belong to the PMD and the rest are freed here once.
+        unsafe {
+            if nd > 0 {
+                sys::bitw_rte_pktmbuf_free_bulk(drop.as_mut_ptr(), nd as u32);
+            }
+            if nt > 0 {
+                let sent = sys::bitw_rte_eth_tx_burst(q.port, q.queue, tx.as_mut_ptr(), nt as u16)
+                    as usize;
+                if sent < nt {
+                    sys::bitw_rte_pktmbuf_free_bulk(tx.as_mut_ptr().add(sent), (nt - sent) as u32);
+                }
+                out.sent = sent as u32;
+                out.sent_bytes = lens[..sent].iter().map(|&l| l as u64).sum();
+                out.refused = (nt - sent) as u32;
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Burst {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the first `len` pointers are owned mbufs, freed once here.
+            unsafe { sys::bitw_rte_pktmbuf_free_bulk(self.mbufs.as_mut_ptr(), self.len as u32) };
+            self.len = 0;
+        }
+    }
+}
+
+/// Runs `tasks[0]` on the main lcore and `tasks[i]` on the i-th worker lcore,
+/// and waits for all of them. A panicking task is caught at this FFI edge and
+/// reported as an error naming the lcore (the others run on until they stop).
+pub fn run_on_lcores(eal: &Eal, tasks: Vec<Box<dyn FnOnce() + Send>>) -> Result<(), DpdkError> {
+    if tasks.len() > eal.lcore_count() {
+        return Err(DpdkError::Lcore(format!(
+            "{} workers but EAL runs only {} lcores",
+            tasks.len(),
+            eal.lcore_count()
+        )));
+    }
+    extern "C" fn trampoline(arg: *mut c_void) -> c_int {
+        // SAFETY: arg is the Box<Box<dyn FnOnce>> leaked below, consumed exactly once here.
+        let task = unsafe { Box::from_raw(arg as *mut Box<dyn FnOnce() + Send>) };
+        match catch_unwind(AssertUnwindSafe(task)) {
+            Ok(()) => 0,
+            Err(_) => -1,
+        }
+    }
+    let mut tasks = tasks.into_iter();
+    let main_task = tasks.next();
+    let mut launched: Vec<u32> = Vec::new();
+    let mut lcore = u32::MAX;
+    let mut launch_error = None;
+    for task in tasks {
+        // SAFETY: iterates EAL's enabled lcores, skipping main, without wrapping.
+        lcore = unsafe { sys::rte_get_next_lcore(lcore, 1, 0) };
+        let arg = Box::into_raw(Box::new(task)) as *mut c_void;
+        // SAFETY: the lcore is an idle worker lcore; arg stays valid until the trampoline takes it.
+        let rc = unsafe { sys::rte_eal_remote_launch(Some(trampoline), arg, lcore) };
+        if rc != 0 {
+            // SAFETY: not launched, so still ours to free.
+            drop(unsafe { Box::from_raw(arg as *mut Box<dyn FnOnce() + Send>) });
+            launch_error = Some(DpdkError::Lcore(format!(
+                "launch on lcore {lcore}: {}",
+                errno_text(rc)
+            )));
+            break;
+        }
+        launched.push(lcore);
+    }
+    let mut failed: Vec<String> = Vec::new();
+    if launch_error.is_none() {
+        if let Some(task) = main_task {
+            if catch_unwind(AssertUnwindSafe(task)).is_err() {
+                // SAFETY: plain query on the calling EAL thread.
+                failed.push(format!("main lcore {}", unsafe {
+                    sys::bitw_rte_lcore_id()
+                }));
+            }
+        }
+    }
+    for l in launched {
+        // SAFETY: waits for a lcore we launched.
+        if unsafe { sys::rte_eal_wait_lcore(l) } != 0 {
+            failed.push(format!("lcore {l}"));
+        }
+    }
+    if let Some(e) = launch_error {
+        return Err(e);
+    }
+    if !failed.is_empty() {
+        return Err(DpdkError::Lcore(format!(
+            "worker panicked on {}",
+            failed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// ACL (rte_acl): the filter table's lookup structure.
+
+/// A key type laid out for an ACL context.
+///
+/// # Safety
+/// `field_defs` must describe fields that lie inside `Self` (offset + size <=
+/// size_of::<Self>()), follow rte_acl's layout rules, and number `NUM_FIELDS`.
+pub unsafe trait AclKey: Copy {
+    const NUM_FIELDS: usize;
+    fn field_defs() -> Vec<sys::rte_acl_field_def>;
+}
+
+/// IPv4 classification key: protocol, addresses and ports in network byte order.
+#[repr(C, align(8))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyV4 {
+    pub proto: u8,
+    _pad: [u8; 3],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+impl KeyV4 {
+    pub fn new(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Self {
+        KeyV4 {
+            proto,
+            _pad: [0; 3],
+            src,
+            dst,
+            sport: sport.to_be_bytes(),
+            dport: dport.to_be_bytes(),
+        }
+    }
+}
+
+/// IPv6 classification key: protocol, addresses and ports in network byte order.
+#[repr(C, align(8))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyV6 {
+    pub proto: u8,
+    _pad: [u8; 3],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+impl KeyV6 {
+    pub fn new(proto: u8, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Self {
+        KeyV6 {
+            proto,
+            _pad: [0; 3],
+            src,
+            dst,
+            sport: sport.to_be_bytes(),
+            dport: dport.to_be_bytes(),
+        }
+    }
+}
+
+fn def(
+    type_: u32,
+    size: u8,
+    field_index: u8,
+    input_index: u8,
+    offset: usize,
+) -> sys::rte_acl_field_def {
+    sys::rte_acl_field_def {
+        type_: type_ as u8,
+        size,
+        field_index,
+        input_index,
+        offset: offset as u32,
+    }
+}
+
+// SAFETY: fields: proto (1 byte, first, as rte_acl requires), then 4-byte groups
+// src, dst, and sport+dport sharing one group; all inside the 16-byte struct.
+unsafe impl AclKey for KeyV4 {
+    const NUM_FIELDS: usize = 5;
+    fn field_defs() -> Vec<sys::rte_acl_field_def> {
+        vec![
+            def(sys::RTE_ACL_FIELD_TYPE_BITMASK, 1, 0, 0, 0),
+            def(sys::RTE_ACL_FIELD_TYPE_MASK, 4, 1, 1, 4),
+            def(sys::RTE_ACL_FIELD_TYPE_MASK, 4, 2, 2, 8),
+            def(sys::RTE_ACL_FIELD_TYPE_RANGE, 2, 3, 3, 12),
+            def(sys::RTE_ACL_FIELD_TYPE_RANGE, 2, 4, 3, 14),
+        ]
+    }
+}
+
+// SAFETY: proto first, then four 4-byte words each of src and dst, then the
+// ports group; all inside the 40-byte struct.
+unsafe impl AclKey for KeyV6 {
+    const NUM_FIELDS: usize = 11;
+    fn field_defs() -> Vec<sys::rte_acl_field_def> {
+        let mut v = vec![def(sys::RTE_ACL_FIELD_TYPE_BITMASK, 1, 0, 0, 0)];
+        for i in 0..8u8 {
+            v.push(def(
+                sys::RTE_ACL_FIELD_TYPE_MASK,
+                4,
+                1 + i,
+                1 + i,
+                4 + 4 * i as usize,
+            ));
+        }
+        v.push(def(sys::RTE_ACL_FIELD_TYPE_RANGE, 2, 9, 9, 36));
+        v.push(def(sys::RTE_ACL_FIELD_TYPE_RANGE, 2, 10, 9, 38));
+        v
+    }
+}
+
+/// One field of an ACL rule, values in host byte order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclField {
+    Bitmask8 { value: u8, mask: u8 },
+    Mask32 { value: u32, len: u32 },
+    Range16 { lo: u16, hi: u16 },
+}
+
+/// An ACL rule: higher `priority` wins; `userdata` (non-zero) is what a match returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AclRule {
+    pub priority: i32,
+    pub userdata: u32,
+    pub fields: Vec<AclField>,
+}
+
+/// A built, immutable ACL context for keys of type `K`.
+pub struct Acl<K: AclKey> {
+    ctx: NonNull<sys::rte_acl_ctx>,
+    _key: PhantomData<K>,
+}
+
+// SAFETY: the context is never modified after build; rte_acl_classify only reads it.
+unsafe impl<K: AclKey> Send for Acl<K> {}
+unsafe impl<K: AclKey> Sync for Acl<K> {}
+
+const _: () = assert!(std::mem::size_of::<sys::rte_acl_field>() == 16);
+const _: () = assert!(std::mem::size_of::<sys::rte_acl_rule_data>() <= 16);
+
+impl<K: AclKey> Acl<K> {
+    /// Compiles `rules` (at least one) into a context. Needs EAL.
+    pub fn build(rules: &[AclRule]) -> Result<Self, DpdkError> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let acl_err = |what: &str, reason: String| DpdkError::Acl {
+            what: what.into(),
+            reason,
+        };
+        let n = K::NUM_FIELDS;
+        if rules.is_empty() {
+            return Err(acl_err("build", "no rules".into()));
+        }
+        // rte_acl_create returns an existing context of the same name: keep names unique.
+        let name =
+            CString::new(format!("bitw-acl-{}", SEQ.fetch_add(1, Ordering::Relaxed))).unwrap();
+        // Rules are laid out as rte_acl expects: the rule data padded to 16 bytes,
+        // then `n` 16-byte fields (RTE_ACL_RULE_SZ(n)).
+        let stride = n + 1;
+        let param = sys::rte_acl_param {
+            name: name.as_ptr(),
+            // SAFETY: plain query.
+            socket_id: unsafe { sys::rte_socket_id() } as c_int,
+            rule_size: (16 * stride) as u32,
+            max_rule_num: rules.len() as u32,
+        };
+        // SAFETY: param is valid for the call; name outlives it (rte_acl copies it).
+        let ctx = NonNull::new(unsafe { sys::rte_acl_create(&param) })
+            .ok_or_else(|| acl_err("context creation", rte_errno_text()))?;
+        let acl = Acl::<K> {
+            ctx,
+            _key: PhantomData,
+        };
+
+        let mut buf: Vec<sys::rte_acl_field> = vec![Default::default(); rules.len() * stride];
+        for (i, r) in rules.iter().enumerate() {
+            assert_eq!(
+                r.fields.len(),
+                n,
+                "ACL rule has {} fields, the key {n}",
+                r.fields.len()
+            );
+            let data = sys::rte_acl_rule_data {
+                category_mask: 1,
+                priority: r.priority,
+                userdata: r.userdata,
+            };
+            // SAFETY: slot i*stride is 16 bytes, 8-aligned: room for the 12-byte rule data.
+            unsafe {
+                ptr::write(
+                    buf.as_mut_ptr().add(i * stride) as *mut sys::rte_acl_rule_data,
+                    data,
+                )
+            };
+            for (j, f) in r.fields.iter().enumerate() {
+                let slot = &mut buf[i * stride + 1 + j];
+                *slot = Default::default();
+                match *f {
+                    AclField::Bitmask8 { value, mask } => {
+                        slot.value.u8_ = value;
+                        slot.mask_range.u8_ = mask;
+                    }
+                    AclField::Mask32 { value, len } => {
+                        slot.value.u32_ = value;
+                        slot.mask_range.u32_ = len;
+                    }
+                    AclField::Range16 { lo, hi } => {
+                        slot.value.u16_ = lo;
+                        slot.mask_range.u16_ = hi;
+                    }
+                }
+            }
+        }
+        // SAFETY: buf holds rules.len() rules of rule_size bytes each, as declared at create.
+        let rc = unsafe {
+            sys::rte_acl_add_rules(
+                acl.ctx.as_ptr(),
+                buf.as_ptr() as *const sys::rte_acl_rule,
+                rules.len() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(acl_err("adding rules", errno_text(rc)));
+        }
+        let mut cfg: sys::rte_acl_config = Default::default();
+        cfg.num_categories = 1;
+        cfg.num_fields = n as u32;
+        for (i, d) in K::field_defs().into_iter().enumerate() {
+            cfg.defs[i] = d;
+        }
+        // SAFETY: ctx valid; cfg describes K's layout (AclKey's contract).
+        let rc = unsafe { sys::rte_acl_build(acl.ctx.as_ptr(), &cfg) };
+        if rc != 0 {
+            return Err(acl_err(
+                &format!("build of {} rules", rules.len()),
+                errno_text(rc),
+            ));
+        }
+        Ok(acl)
+    }
+
+    /// Writes each key's best match (`userdata`, 0 = none) to `results`.
+    #[inline]
+    pub fn classify(&self, keys: &[K], results: &mut [u32]) {
+        assert!(keys.len() <= MAX_BURST && results.len() >= keys.len());
+        let mut ptrs: [*const u8; MAX_BURST] = [ptr::null(); MAX_BURST];
+        for (p, k) in ptrs.iter_mut().zip(keys) {
+            *p = k as *const K as *const u8;
+        }
+        // SAFETY: every pointer refers to a live K whose fields cover the context's
+        // layout (AclKey); results has room for one category per key.
+        unsafe {
+            sys::rte_acl_classify(
+                self.ctx.as_ptr(),
+                ptrs.as_mut_ptr(),
+                results.as_mut_ptr(),
+                keys.len() as u32,
+                1,
+            )
+        };
+    }
+}
+
+impl<K: AclKey> Drop for Acl<K> {
+    fn drop(&mut self) {
+        // SAFETY: ctx came from rte_acl_create and is freed once.
+        unsafe { sys::rte_acl_free(self.ctx.as_ptr()) };
+    }
+}
+
+/// The DPDK version string.
+pub fn version() -> String {
+    // SAFETY: rte_version returns a static string.
+    unsafe { CStr::from_ptr(sys::rte_version()) }
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,20 @@
+//! bitw dataplane: a DPDK bump-in-the-wire between port `inside` (terminals)
+//! and port `outside` (the Internet).
+//!
+//! Layout:
+//! - [`config`]: the TOML file, validated with file/line/field messages.
+//! - [`dpdk`]: the only module with `unsafe`: EAL, ports, mbuf bursts, rte_acl, lcores.
+//! - [`wire`]: frame parsing into classification keys (never panics).
+//! - [`filter`]: the filter table (SPD): ordered rules compiled into rte_acl tries.
+//! - [`worker`]: the poll loop over bursts.
+//! - [`counters`]: single-writer per-worker counters.
+//! - [`app`]: wiring it together for the `bitw-dataplane` binary.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod app;
+pub mod config;
+pub mod counters;
+pub mod dpdk;
+pub mod filter;
+pub mod wire;
+pub mod worker;
