@@ -481,7 +481,10 @@ impl Config {
                     );
                 }
             }
-            if icmp_like && (p.sport.hi > 255 || p.dport.hi > 255) {
+            if icmp_like
+                && ((!p.sport.is_any() && p.sport.hi > 255)
+                    || (!p.dport.is_any() && p.dport.hi > 255))
+            {
                 return ctx.err(
                     p.action.span(),
                     field("sport"),
