@@ -458,7 +458,7 @@ impl Config {
                 (RawAction::Discard, None) => Action::Discard,
             };
             let icmp_like = matches!(p.proto, Protocol::Icmp | Protocol::Icmpv6);
-            if !(p.proto.has_ports() || icmp_like) && (!p.sport.is_any() || !p.dport.is_any()) {
+            if !(p.proto.has_ports() || icmp_like || (p.sport.is_any() && p.dport.is_any())) {
                 return ctx.err(p.action.span(), field("sport"), format!(
                     "ports need proto = tcp, udp or sctp (or icmp/icmpv6, where sport is the type and dport the code); this rule has proto {}",
                     p.proto));

@@ -184,6 +184,14 @@ impl Mempool {
     }
 }
 
+impl Drop for Mempool {
+    fn drop(&mut self) {
+        // SAFETY: ports using the pool are closed first (they borrow it at open and
+        // callers drop them before the pool); no mbuf of it is referenced any more.
+        unsafe { sys::rte_mempool_free(self.ptr.as_ptr()) };
+    }
+}
+
 /// Hardware counters of a port, as the PMD reports them.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct PortStats {
@@ -444,13 +452,13 @@ impl Burst {
     /// others and any the queue refuses. Leaves the burst empty.
     #[inline]
     pub fn forward(&mut self, keep: &[bool], q: PortQueue) -> TxOutcome {
-        debug_assert!(keep.len() >= self.len);
+        assert!(keep.len() >= self.len, "a verdict for every frame");
         let mut tx: [*mut sys::rte_mbuf; MAX_BURST] = [ptr::null_mut(); MAX_BURST];
         let mut drop: [*mut sys::rte_mbuf; MAX_BURST] = [ptr::null_mut(); MAX_BURST];
         let mut lens = [0u32; MAX_BURST];
         let (mut nt, mut nd) = (0usize, 0usize);
-        for i in 0..self.len {
-            if keep[i] {
+        for (i, &k) in keep.iter().enumerate().take(self.len) {
+            if k {
                 tx[nt] = self.mbufs[i];
                 lens[nt] = self.pkt_len(i);
                 nt += 1;
@@ -792,9 +800,11 @@ impl<K: AclKey> Acl<K> {
         if rc != 0 {
             return Err(acl_err("adding rules", errno_text(rc)));
         }
-        let mut cfg: sys::rte_acl_config = Default::default();
-        cfg.num_categories = 1;
-        cfg.num_fields = n as u32;
+        let mut cfg = sys::rte_acl_config {
+            num_categories: 1,
+            num_fields: n as u32,
+            ..Default::default()
+        };
         for (i, d) in K::field_defs().into_iter().enumerate() {
             cfg.defs[i] = d;
         }
