@@ -66,7 +66,7 @@ fn main() {
         )
         .default_enum_style(bindgen::EnumVariation::Consts)
         .derive_default(true)
-        .layout_tests(false)
+        .layout_tests(true)
         .generate_comments(false)
         .blocklist_type("__tile1024i.*|max_align_t")
         .blocklist_function("__tile.*")
