@@ -139,12 +139,9 @@ struct RawPolicy {
     direction: Direction,
     src: Option<Spanned<AnyPrefix>>,
     dst: Option<Spanned<AnyPrefix>>,
-    #[serde(default)]
-    proto: Protocol,
-    #[serde(default)]
-    sport: PortRange,
-    #[serde(default)]
-    dport: PortRange,
+    proto: Option<Spanned<Protocol>>,
+    sport: Option<Spanned<PortRange>>,
+    dport: Option<Spanned<PortRange>>,
     action: Spanned<RawAction>,
     sa: Option<Spanned<String>>,
 }
@@ -173,40 +170,50 @@ impl<'de> Deserialize<'de> for AnyPrefix {
     }
 }
 
+/// Accepts an integer or a string, and says so when given anything else.
+struct IntOrStr<T> {
+    expecting: &'static str,
+    from_int: fn(i64) -> Result<T, String>,
+    from_str: fn(&str) -> Result<T, String>,
+}
+
+impl<T> serde::de::Visitor<'_> for IntOrStr<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+        (self.from_int)(v).map_err(E::custom)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        (self.from_str)(v).map_err(E::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for Protocol {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum NumOrName {
-            Num(i64),
-            Name(String),
-        }
-        match NumOrName::deserialize(d)? {
-            NumOrName::Num(n) => match u8::try_from(n) {
-                Ok(n) => Protocol::from_str(&n.to_string()).map_err(serde::de::Error::custom),
-                Err(_) => Err(serde::de::Error::custom(format!(
-                    "protocol number {n} is not in 0..=255"
-                ))),
+        d.deserialize_any(IntOrStr {
+            expecting: "a protocol: any, tcp, udp, sctp, icmp, icmpv6 or a number 0-255",
+            from_int: |n| match u8::try_from(n) {
+                Ok(n) => Protocol::from_str(&n.to_string()),
+                Err(_) => Err(format!("protocol number {n} is not in 0..=255")),
             },
-            NumOrName::Name(s) => Protocol::from_str(&s).map_err(serde::de::Error::custom),
-        }
+            from_str: Protocol::from_str,
+        })
     }
 }
 
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum NumOrText {
-            Num(i64),
-            Text(String),
-        }
-        match NumOrText::deserialize(d)? {
-            NumOrText::Num(n) => u16::try_from(n)
-                .map(|p| PortRange { lo: p, hi: p })
-                .map_err(|_| serde::de::Error::custom(format!("port {n} is not in 0..=65535"))),
-            NumOrText::Text(s) => PortRange::from_str(&s).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(IntOrStr {
+            expecting: "a port: any, 443 or \"1000-2000\"",
+            from_int: |n| {
+                u16::try_from(n)
+                    .map(|p| PortRange { lo: p, hi: p })
+                    .map_err(|_| format!("port {n} is not in 0..=65535"))
+            },
+            from_str: PortRange::from_str,
+        })
     }
 }
 
@@ -457,48 +464,67 @@ impl Config {
                 (RawAction::Bypass, None) => Action::Bypass,
                 (RawAction::Discard, None) => Action::Discard,
             };
-            let icmp_like = matches!(p.proto, Protocol::Icmp | Protocol::Icmpv6);
-            if !(p.proto.has_ports() || icmp_like || (p.sport.is_any() && p.dport.is_any())) {
-                return ctx.err(p.action.span(), field("sport"), format!(
-                    "ports need proto = tcp, udp or sctp (or icmp/icmpv6, where sport is the type and dport the code); this rule has proto {}",
-                    p.proto));
+            // Where to point when a check involves a field the rule may not spell out.
+            let span_of = |f: Option<std::ops::Range<usize>>| f.unwrap_or_else(|| p.action.span());
+            let proto = p.proto.as_ref().map_or(Protocol::Any, |x| *x.get_ref());
+            let proto_span = span_of(p.proto.as_ref().map(|x| x.span()));
+            let sport = p.sport.as_ref().map_or(PortRange::ANY, |x| *x.get_ref());
+            let dport = p.dport.as_ref().map_or(PortRange::ANY, |x| *x.get_ref());
+            // The first port field written, for messages about ports in general.
+            let (port_field, port_span) = match (&p.sport, &p.dport) {
+                (Some(s), _) if !s.get_ref().is_any() => ("sport", s.span()),
+                (_, Some(d)) => ("dport", d.span()),
+                (Some(s), None) => ("sport", s.span()),
+                (None, None) => ("sport", p.action.span()),
+            };
+            let icmp_like = matches!(proto, Protocol::Icmp | Protocol::Icmpv6);
+            if !(proto.has_ports() || icmp_like || (sport.is_any() && dport.is_any())) {
+                return ctx.err(port_span, field(port_field), format!(
+                    "ports need proto = tcp, udp, sctp or another protocol with ports (or icmp/icmpv6, where sport is the type and dport the code); this rule has proto {proto}"));
             }
-            if let (Protocol::Icmp, Some(pf)) = (p.proto, src.or(dst)) {
+            let family = src.or(dst);
+            if let (Protocol::Icmp, Some(pf)) = (proto, family) {
                 if !pf.is_ipv4() {
                     return ctx.err(
-                        p.action.span(),
+                        proto_span,
                         field("proto"),
                         "icmp is IPv4's; use icmpv6 with IPv6 prefixes".into(),
                     );
                 }
             }
-            if let (Protocol::Icmpv6, Some(pf)) = (p.proto, src.or(dst)) {
+            if let (Protocol::Icmpv6, Some(pf)) = (proto, family) {
                 if pf.is_ipv4() {
                     return ctx.err(
-                        p.action.span(),
+                        proto_span,
                         field("proto"),
                         "icmpv6 is IPv6's; use icmp with IPv4 prefixes".into(),
                     );
                 }
             }
-            if icmp_like
-                && ((!p.sport.is_any() && p.sport.hi > 255)
-                    || (!p.dport.is_any() && p.dport.hi > 255))
-            {
-                return ctx.err(
-                    p.action.span(),
-                    field("sport"),
-                    "for icmp/icmpv6, sport is the ICMP type and dport the code: 0 to 255".into(),
-                );
+            if icmp_like {
+                for (name, range, spanned) in
+                    [("sport", sport, &p.sport), ("dport", dport, &p.dport)]
+                {
+                    if !range.is_any() && range.hi > 255 {
+                        let what = if name == "sport" { "type" } else { "code" };
+                        return ctx.err(
+                            span_of(spanned.as_ref().map(|x| x.span())),
+                            field(name),
+                            format!(
+                                "for icmp/icmpv6, {name} is the ICMP {what}: 0 to 255, not {range}"
+                            ),
+                        );
+                    }
+                }
             }
             policies.push(Rule {
                 name,
                 direction: p.direction,
                 src,
                 dst,
-                proto: p.proto,
-                sport: p.sport,
-                dport: p.dport,
+                proto,
+                sport,
+                dport,
                 action,
             });
         }
@@ -737,9 +763,15 @@ sa = "to-hq"
 
     #[test]
     fn ports_without_port_protocol() {
+        // The rule sets only dport: the message points at it.
         let t = GOOD.replace("proto = \"tcp\"", "proto = \"any\"");
-        let e = parse(&t).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("policy[0].sport"));
+        expect_err(&t, 22, "policy[0].dport", "ports need proto");
+        let t = GOOD
+            .replace("proto = \"tcp\"", "proto = \"icmp\"")
+            .replace("dport = \"1000-2000\"", "dport = 300");
+        expect_err(&t, 22, "policy[0].dport", "ICMP code");
+        let t = GOOD.replace("dport = 53", "dport = 5.5");
+        expect_err(&t, 30, "policy[1].dport", "expected a port");
     }
 
     #[test]

@@ -168,6 +168,7 @@ impl fmt::Display for Protocol {
             Protocol::Udp => write!(f, "udp"),
             Protocol::Icmp => write!(f, "icmp"),
             Protocol::Icmpv6 => write!(f, "icmpv6"),
+            Protocol::Number(PROTO_SCTP) => write!(f, "sctp"),
             Protocol::Number(n) => write!(f, "{n}"),
         }
     }
@@ -182,6 +183,7 @@ impl FromStr for Protocol {
             "udp" => Protocol::Udp,
             "icmp" => Protocol::Icmp,
             "icmpv6" | "ipv6-icmp" => Protocol::Icmpv6,
+            "sctp" => Protocol::Number(PROTO_SCTP),
             other => match other.parse::<u8>() {
                 Ok(6) => Protocol::Tcp,
                 Ok(17) => Protocol::Udp,
@@ -190,7 +192,7 @@ impl FromStr for Protocol {
                 Ok(n) => Protocol::Number(n),
                 Err(_) => {
                     return Err(format!(
-                        "unknown protocol `{s}`: expected any, tcp, udp, icmp, icmpv6 or a number 0-255"
+                        "unknown protocol `{s}`: expected any, tcp, udp, sctp, icmp, icmpv6 or a number 0-255"
                     ))
                 }
             },

@@ -91,33 +91,43 @@ pub fn l3_offset(frame: &[u8]) -> Result<(usize, u16), Malformed> {
     Ok((off, ethertype))
 }
 
-/// Parses one Ethernet frame.
+/// Parses one Ethernet frame held in one buffer.
 #[inline]
 pub fn parse_frame(frame: &[u8]) -> Parsed {
-    let (off, ethertype) = match l3_offset(frame) {
+    parse_segmented(frame, frame.len())
+}
+
+/// Parses a frame of `total_len` bytes whose first segment is `first` (jumbo
+/// frames arrive as chained mbufs). Lengths are checked against the whole frame;
+/// headers must lie in the first segment, as every PMD delivers them.
+#[inline]
+pub fn parse_segmented(first: &[u8], total_len: usize) -> Parsed {
+    let (off, ethertype) = match l3_offset(first) {
         Ok(x) => x,
         Err(m) => return Parsed::Malformed(m),
     };
-    let ip = &frame[off..];
+    let ip = &first[off..];
+    let ip_len = total_len.max(first.len()) - off;
     let r = match ethertype {
-        ETHERTYPE_IPV4 => parse_ipv4(ip),
-        ETHERTYPE_IPV6 => parse_ipv6(ip),
+        ETHERTYPE_IPV4 => parse_ipv4(ip, ip_len),
+        ETHERTYPE_IPV6 => parse_ipv6(ip, ip_len),
         _ => return Parsed::NonIp,
     };
     r.unwrap_or_else(Parsed::Malformed)
 }
 
-fn parse_ipv4(ip: &[u8]) -> Result<Parsed, Malformed> {
+/// `ip`: the bytes at hand (first segment); `ip_len`: the packet's bytes in all segments.
+fn parse_ipv4(ip: &[u8], ip_len: usize) -> Result<Parsed, Malformed> {
     if ip.len() < 20 || ip[0] >> 4 != 4 {
         return Err(Malformed::Ipv4);
     }
     let ihl = (ip[0] & 0x0f) as usize * 4;
     let total = be16(ip, 2).ok_or(Malformed::Ipv4)? as usize;
     // Ethernet may pad short packets: the frame can be longer than total length.
-    if ihl < 20 || total < ihl || total > ip.len() {
+    if ihl < 20 || total < ihl || total > ip_len || ihl > ip.len() {
         return Err(Malformed::Ipv4);
     }
-    let ip = &ip[..total];
+    let ip = &ip[..total.min(ip.len())];
     let frag = be16(ip, 6).ok_or(Malformed::Ipv4)?;
     let non_initial = frag & 0x1fff != 0;
     let proto = ip[9];
@@ -134,15 +144,15 @@ fn parse_ipv4(ip: &[u8]) -> Result<Parsed, Malformed> {
     })
 }
 
-fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Malformed> {
+fn parse_ipv6(ip: &[u8], ip_len: usize) -> Result<Parsed, Malformed> {
     if ip.len() < 40 || ip[0] >> 4 != 6 {
         return Err(Malformed::Ipv6);
     }
     let payload = be16(ip, 4).ok_or(Malformed::Ipv6)? as usize;
-    if 40 + payload > ip.len() {
+    if 40 + payload > ip_len {
         return Err(Malformed::Ipv6);
     }
-    let ip = &ip[..40 + payload];
+    let ip = &ip[..(40 + payload).min(ip.len())];
     let mut next = ip[6];
     let mut off = 40;
     let mut non_initial = false;
@@ -186,7 +196,9 @@ fn parse_ipv6(ip: &[u8]) -> Result<Parsed, Malformed> {
             _ => break,
         }
     }
-    if matches!(next, 0 | 43 | 60 | 51) || (next == 44 && !non_initial) {
+    // A non-initial fragment's next header may be another extension header
+    // (RFC 8200 §4.5): its ports are unknown either way, so classify it as it is.
+    if !non_initial && matches!(next, 0 | 43 | 44 | 60 | 51) {
         // Longer chain than we walk: refuse rather than guess the protocol.
         return Err(Malformed::Ipv6);
     }
@@ -323,6 +335,20 @@ mod tests {
             Parsed::Malformed(Malformed::Ethernet)
         );
         assert_eq!(parse_frame(&eth(ETHERTYPE_ARP, &[0; 28])), Parsed::NonIp);
+    }
+
+    #[test]
+    fn chained_segments_checked_against_the_whole_frame() {
+        let mut ip = ipv4(17, 0, &[0, 1, 0, 2, 0, 8, 0, 0]);
+        ip[2..4].copy_from_slice(&3000u16.to_be_bytes());
+        let f = eth(ETHERTYPE_IPV4, &ip);
+        // The first segment holds the headers; the rest of the 3014 bytes is chained.
+        assert!(matches!(parse_segmented(&f, 14 + 3000), Parsed::V4 { .. }));
+        assert_eq!(
+            parse_segmented(&f, 14 + 2999),
+            Parsed::Malformed(Malformed::Ipv4)
+        );
+        assert_eq!(parse_frame(&f), Parsed::Malformed(Malformed::Ipv4));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::config::MAX_BURST;
 use crate::counters::{DropReason, PortSide, WorkerCounters};
 use crate::dpdk::{Burst, KeyV4, KeyV6, PortQueue};
 use crate::filter::{Direction, FilterTable, Verdict};
-use crate::wire::{parse_frame, Parsed};
+use crate::wire::{parse_segmented, Parsed};
 
 /// Everything one worker needs; moved onto its lcore.
 pub struct Worker {
@@ -94,9 +94,10 @@ impl Worker {
         let (mut n4, mut n6) = (0usize, 0usize);
         let (mut malformed, mut non_ip) = (0u64, 0u64);
         for i in 0..n {
-            rx_bytes += burst.pkt_len(i) as u64;
+            let len = burst.pkt_len(i);
+            rx_bytes += len as u64;
             s.keep[i] = false;
-            match parse_frame(burst.frame(i)) {
+            match parse_segmented(burst.frame(i), len as usize) {
                 Parsed::NonIp => {
                     s.keep[i] = true;
                     non_ip += 1;
