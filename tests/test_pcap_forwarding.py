@@ -743,7 +743,9 @@ def test_pcap_forwarding_matches_model(dataplane, tmp_path, file_prefix, default
 def test_frames_larger_than_one_mbuf_are_forwarded(dataplane, tmp_path, file_prefix):
     """Well-formed frames longer than an mbuf's data room (2048 bytes here) reach
     the worker as chained segments; they are valid IP and must be forwarded
-    unchanged like any other, not counted malformed."""
+    unchanged like any other, not counted malformed. A rule makes the direction
+    inspected (with none, frames would pass unparsed); the default discards, so
+    only frames that were parsed and matched come out."""
     def udp(total_frame_len, dport):
         hdr = len(Ether() / IP() / UDP())
         return bytes(Ether(src=T, dst=R) / IP(src="10.0.0.1", dst="198.51.100.1")
@@ -756,8 +758,10 @@ def test_frames_larger_than_one_mbuf_are_forwarded(dataplane, tmp_path, file_pre
     write_pcap(rx_in, frames)
     write_pcap(rx_out, [])
     cfg = tmp_path / "bitw.toml"
+    udp_out = dict(name="udp-out", direction="out", src="10.0.0.0/24", proto="udp",
+                   dport="1-5", action="bypass")
     cfg.write_text(render_config(pcap_device(0, rx_in, tx_in), pcap_device(1, rx_out, tx_out),
-                                 [], prefix=file_prefix, default_action="bypass"))
+                                 [udp_out], prefix=file_prefix, default_action="discard"))
     run, s = run_config(dataplane, cfg, run_for=2)
     assert s["rx_packets"] == len(frames), run.describe()
     got = read_pcap(tx_out)
@@ -825,3 +829,30 @@ def test_first_match_in_a_large_table(dataplane, tmp_path, file_prefix):
     assert s["rx_packets"] == len(inside) + len(outside)
     assert s["tx_packets"] == len(want_out) + len(want_in)
     assert "2002 rules" in run.stderr
+
+
+def test_direction_without_rules_is_a_plain_wire(dataplane, tmp_path, file_prefix):
+    """With no rule in a direction and default bypass nothing can change a frame's
+    fate, so the worker forwards that direction's frames unparsed (counted as
+    `uninspected`), malformed ones included; the other direction, which has a
+    rule, is still inspected."""
+    good = bytes(Ether(src=T, dst=R) / IP(src="10.0.0.1", dst="198.51.100.1") / UDP(sport=1, dport=2))
+    truncated = good[:14 + 10]
+    arp = bytes(Ether(src=T, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc="10.0.0.1", pdst="10.0.0.2"))
+    out_frames = [good, truncated, arp]
+    in_frames = [bytes(Ether(src=R, dst=T) / IP(src="198.51.100.1", dst="10.0.0.1") / UDP(sport=2, dport=1)),
+                 truncated]
+    rx_in, rx_out = tmp_path / "in.pcap", tmp_path / "out.pcap"
+    tx_in, tx_out = tmp_path / "in-tx.pcap", tmp_path / "out-tx.pcap"
+    write_pcap(rx_in, out_frames)
+    write_pcap(rx_out, in_frames)
+    rule_in = dict(name="in-any", direction="in", proto="udp", action="bypass")
+    cfg = tmp_path / "bitw.toml"
+    cfg.write_text(render_config(pcap_device(0, rx_in, tx_in), pcap_device(1, rx_out, tx_out),
+                                 [rule_in], prefix=file_prefix, default_action="bypass"))
+    run, s = run_config(dataplane, cfg, run_for=2)
+    assert frames_diff(read_pcap(tx_out), out_frames) is None, run.describe()
+    assert frames_diff(read_pcap(tx_in), in_frames[:1]) is None, run.describe()
+    assert s["uninspected"] == len(out_frames)
+    assert s["drops"]["malformed"] == 1  # the truncated frame of the inspected direction
+    assert s["bypassed"] == 1

@@ -56,6 +56,8 @@ pub struct Summary {
     pub tx_packets: u64,
     pub non_ip: u64,
     pub bypassed: u64,
+    /// Frames of directions without rules (default bypass), forwarded unparsed.
+    pub uninspected: u64,
     pub drops: BTreeMap<String, u64>,
 }
 
@@ -207,6 +209,7 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
                 inside: inside.queue(i as u16),
                 outside: outside.queue(i as u16),
                 burst: cfg.dataplane.burst,
+                flow_cache: cfg.dataplane.flow_cache,
                 filter: filter.clone(),
                 counters: counters[i].clone(),
                 stop: stop.clone(),
@@ -289,6 +292,7 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
             .sum(),
         non_ip: workers.iter().map(|s| s.non_ip).sum(),
         bypassed: workers.iter().map(|s| s.bypassed).sum(),
+        uninspected: workers.iter().map(|s| s.uninspected).sum(),
         workers,
         ports,
         drops,

@@ -69,6 +69,8 @@ pub struct DataplaneConfig {
     pub tx_descriptors: u16,
     /// mbufs in the pool (shared by all workers and ports).
     pub mbufs: u32,
+    /// Flow-cache entries per worker, direction and address family; 0 = no cache.
+    pub flow_cache: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +119,7 @@ struct RawDataplane {
     rx_descriptors: Option<Spanned<u16>>,
     tx_descriptors: Option<Spanned<u16>>,
     mbufs: Option<Spanned<u32>>,
+    flow_cache: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -288,6 +291,7 @@ impl Config {
             rx_descriptors: None,
             tx_descriptors: None,
             mbufs: None,
+            flow_cache: None,
         });
         let workers = match rd.workers {
             Some(w) if *w.get_ref() == 0 || *w.get_ref() > 64 => {
@@ -378,7 +382,22 @@ impl Config {
             mbufs
         };
 
+        let flow_cache = match rd.flow_cache {
+            Some(f) if *f.get_ref() > 1 << 20 => {
+                return ctx.err(
+                    f.span(),
+                    "dataplane.flow_cache".into(),
+                    format!(
+                        "{} entries is more than the 1048576 allowed (0 turns the cache off)",
+                        f.get_ref()
+                    ),
+                )
+            }
+            Some(f) => f.into_inner(),
+            None => 4096,
+        };
         let dataplane = DataplaneConfig {
+            flow_cache,
             workers,
             burst,
             default_action: rd.default_action.unwrap_or(DefaultAction::Bypass),

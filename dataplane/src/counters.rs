@@ -24,6 +24,12 @@ impl Counter {
         );
     }
 
+    /// Overwrites the value (for totals the writer keeps itself).
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -113,6 +119,12 @@ pub struct WorkerCounters {
     pub non_ip: Counter,
     /// IP packets a bypass rule (or the default) let through.
     pub bypassed: Counter,
+    /// Frames forwarded without parsing because their direction has no rules
+    /// and bypasses by default (the box is a plain wire that way).
+    pub uninspected: Counter,
+    /// Classifications answered by the worker's flow cache / by the tries.
+    pub flow_cache_hits: Counter,
+    pub flow_cache_misses: Counter,
     /// Loop iterations that found no packet / at least one.
     pub idle_polls: Counter,
     pub busy_polls: Counter,
@@ -137,6 +149,9 @@ impl WorkerCounters {
                 .collect(),
             non_ip: self.non_ip.get(),
             bypassed: self.bypassed.get(),
+            uninspected: self.uninspected.get(),
+            flow_cache_hits: self.flow_cache_hits.get(),
+            flow_cache_misses: self.flow_cache_misses.get(),
             idle_polls: self.idle_polls.get(),
             busy_polls: self.busy_polls.get(),
         }
@@ -154,6 +169,9 @@ pub struct WorkerSnapshot {
     pub drops: std::collections::BTreeMap<String, u64>,
     pub non_ip: u64,
     pub bypassed: u64,
+    pub uninspected: u64,
+    pub flow_cache_hits: u64,
+    pub flow_cache_misses: u64,
     pub idle_polls: u64,
     pub busy_polls: u64,
 }

@@ -396,6 +396,9 @@ pub struct TxOutcome {
 pub struct Burst {
     mbufs: [*mut sys::rte_mbuf; MAX_BURST],
     len: usize,
+    /// Scratch for `forward`: the frames to free (kept here so it is not
+    /// re-initialised every burst).
+    unsent: [*mut sys::rte_mbuf; MAX_BURST],
 }
 
 impl Default for Burst {
@@ -403,6 +406,7 @@ impl Default for Burst {
         Burst {
             mbufs: [ptr::null_mut(); MAX_BURST],
             len: 0,
+            unsent: [ptr::null_mut(); MAX_BURST],
         }
     }
 }
@@ -455,17 +459,18 @@ impl Burst {
     #[inline]
     pub fn forward(&mut self, keep: &[bool], q: PortQueue) -> TxOutcome {
         assert!(keep.len() >= self.len, "a verdict for every frame");
-        let mut tx: [*mut sys::rte_mbuf; MAX_BURST] = [ptr::null_mut(); MAX_BURST];
-        let mut drop: [*mut sys::rte_mbuf; MAX_BURST] = [ptr::null_mut(); MAX_BURST];
-        let mut lens = [0u32; MAX_BURST];
+        let n = self.len;
+        // Compact the kept frames to the front (order preserved), the others aside.
         let (mut nt, mut nd) = (0usize, 0usize);
-        for (i, &k) in keep.iter().enumerate().take(self.len) {
+        let mut bytes = 0u64;
+        for (i, &k) in keep[..n].iter().enumerate() {
+            let m = self.mbufs[i];
             if k {
-                tx[nt] = self.mbufs[i];
-                lens[nt] = self.pkt_len(i);
+                bytes += self.pkt_len(i) as u64;
+                self.mbufs[nt] = m;
                 nt += 1;
             } else {
-                drop[nd] = self.mbufs[i];
+                self.unsent[nd] = m;
                 nd += 1;
             }
         }
@@ -474,24 +479,82 @@ impl Burst {
             dropped: nd as u32,
             ..Default::default()
         };
-        // SAFETY: each pointer is an owned mbuf moved out of the burst above; after
-        // tx_burst the first `sent` belong to the PMD and the rest are freed here once.
+        // SAFETY: every pointer is an owned mbuf, now either in mbufs[..nt] or
+        // unsent[..nd]. The dropped are freed once; after tx_burst the first `sent`
+        // belong to the PMD and the refused ones are read and freed here, once.
         unsafe {
             if nd > 0 {
-                sys::bitw_rte_pktmbuf_free_bulk(drop.as_mut_ptr(), nd as u32);
+                sys::bitw_rte_pktmbuf_free_bulk(self.unsent.as_mut_ptr(), nd as u32);
             }
             if nt > 0 {
-                let sent = sys::bitw_rte_eth_tx_burst(q.port, q.queue, tx.as_mut_ptr(), nt as u16)
-                    as usize;
+                let sent =
+                    sys::bitw_rte_eth_tx_burst(q.port, q.queue, self.mbufs.as_mut_ptr(), nt as u16)
+                        as usize;
+                for &m in &self.mbufs[sent..nt] {
+                    bytes -= (*m).pkt_len as u64;
+                }
                 if sent < nt {
-                    sys::bitw_rte_pktmbuf_free_bulk(tx.as_mut_ptr().add(sent), (nt - sent) as u32);
+                    sys::bitw_rte_pktmbuf_free_bulk(
+                        self.mbufs.as_mut_ptr().add(sent),
+                        (nt - sent) as u32,
+                    );
                 }
                 out.sent = sent as u32;
-                out.sent_bytes = lens[..sent].iter().map(|&l| l as u64).sum();
+                out.sent_bytes = bytes;
                 out.refused = (nt - sent) as u32;
             }
         }
         out
+    }
+
+    /// Sends every frame through `q`, in order, freeing any the queue refuses.
+    /// Leaves the burst empty. Returns the outcome and the bytes received.
+    #[inline]
+    pub fn forward_all(&mut self, q: PortQueue) -> (TxOutcome, u64) {
+        let n = self.len;
+        let rx_bytes: u64 = (0..n).map(|i| self.pkt_len(i) as u64).sum();
+        self.len = 0;
+        let mut out = TxOutcome::default();
+        if n == 0 {
+            return (out, 0);
+        }
+        // SAFETY: mbufs[..n] are owned; after tx_burst the first `sent` belong to the
+        // PMD, the refused ones are read and freed here, once.
+        unsafe {
+            let sent =
+                sys::bitw_rte_eth_tx_burst(q.port, q.queue, self.mbufs.as_mut_ptr(), n as u16)
+                    as usize;
+            let mut refused_bytes = 0u64;
+            for &m in &self.mbufs[sent..n] {
+                refused_bytes += (*m).pkt_len as u64;
+            }
+            if sent < n {
+                sys::bitw_rte_pktmbuf_free_bulk(
+                    self.mbufs.as_mut_ptr().add(sent),
+                    (n - sent) as u32,
+                );
+            }
+            out.sent = sent as u32;
+            out.sent_bytes = rx_bytes - refused_bytes;
+            out.refused = (n - sent) as u32;
+        }
+        (out, rx_bytes)
+    }
+
+    /// Asks the CPU to fetch frame `i`'s first bytes (its headers) ahead of use.
+    #[inline]
+    pub fn prefetch_frame(&self, i: usize) {
+        if i < self.len {
+            // SAFETY: reads two fields of an owned mbuf; prefetch never faults.
+            unsafe {
+                let m = &*self.mbufs[i];
+                let p = (m.buf_addr as *const u8).add(m.data_off as usize);
+                #[cfg(target_arch = "x86_64")]
+                std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0);
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = p;
+            }
+        }
     }
 }
 
@@ -825,16 +888,17 @@ impl<K: AclKey> Acl<K> {
     #[inline]
     pub fn classify(&self, keys: &[K], results: &mut [u32]) {
         assert!(keys.len() <= MAX_BURST && results.len() >= keys.len());
-        let mut ptrs: [*const u8; MAX_BURST] = [ptr::null(); MAX_BURST];
+        let mut ptrs = [std::mem::MaybeUninit::<*const u8>::uninit(); MAX_BURST];
         for (p, k) in ptrs.iter_mut().zip(keys) {
-            *p = k as *const K as *const u8;
+            p.write(k as *const K as *const u8);
         }
         // SAFETY: every pointer refers to a live K whose fields cover the context's
         // layout (AclKey); results has room for one category per key.
         unsafe {
             sys::rte_acl_classify(
                 self.ctx.as_ptr(),
-                ptrs.as_mut_ptr(),
+                // The first keys.len() pointers were written above; rte_acl reads no more.
+                ptrs.as_mut_ptr() as *mut *const u8,
                 results.as_mut_ptr(),
                 keys.len() as u32,
                 1,

@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use crate::config::DefaultAction;
-use crate::dpdk::{Acl, AclField, AclRule, DpdkError, KeyV4, KeyV6};
+use crate::dpdk::{Acl, AclField, AclKey, AclRule, DpdkError, KeyV4, KeyV6};
 
 /// `out`: inside -> outside (terminals to the Internet); `in`: the reverse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -427,14 +427,89 @@ fn acl_rule_v6(r: &Rule, priority: i32, userdata: u32, fragment: bool) -> AclRul
 /// The compiled rules of one direction.
 struct DirectionTable {
     rules: Vec<Rule>,
-    v4: Option<Acl<KeyV4>>,
-    v4_fragments: Option<Acl<KeyV4>>,
-    v6: Option<Acl<KeyV6>>,
-    v6_fragments: Option<Acl<KeyV6>>,
+    /// What an ACL result means: index 0 = no match (the default action),
+    /// i + 1 = rule i. A flat table keeps the rules themselves off the packet path.
+    verdicts: Vec<Verdict>,
+    v4: AclSet<KeyV4>,
+    v4_fragments: AclSet<KeyV4>,
+    v6: AclSet<KeyV6>,
+    v6_fragments: AclSet<KeyV6>,
+}
+
+/// The rules of one (direction, family) as one or more rte_acl contexts.
+///
+/// rte_acl splits a rule set into at most 8 tries and refuses sets that need
+/// more (deeply nested prefixes with port ranges do, at a few thousand rules).
+/// Rather than refusing such a configuration, the set is cut in halves until
+/// each part builds; a lookup then asks every part and keeps the earliest rule.
+struct AclSet<K: AclKey> {
+    parts: Vec<Acl<K>>,
+}
+
+impl<K: AclKey> AclSet<K> {
+    fn build(rules: &[AclRule]) -> Result<Self, DpdkError> {
+        let mut parts = Vec::new();
+        Self::build_into(rules, &mut parts)?;
+        Ok(AclSet { parts })
+    }
+
+    fn build_into(rules: &[AclRule], parts: &mut Vec<Acl<K>>) -> Result<(), DpdkError> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        match Acl::<K>::build(rules) {
+            Ok(acl) => {
+                parts.push(acl);
+                Ok(())
+            }
+            Err(e) if rules.len() == 1 => Err(e),
+            Err(_) => {
+                let (a, b) = rules.split_at(rules.len() / 2);
+                Self::build_into(a, parts)?;
+                Self::build_into(b, parts)
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// Best match per key: the lowest non-zero userdata (rule index + 1) over all parts.
+    fn classify(&self, keys: &[K], results: &mut [u32]) {
+        let mut parts = self.parts.iter();
+        let Some(first) = parts.next() else {
+            results[..keys.len()].fill(0);
+            return;
+        };
+        first.classify(keys, results);
+        let mut more = [0u32; CLASSIFY_MAX];
+        for p in parts {
+            let more = &mut more[..keys.len()];
+            p.classify(keys, more);
+            for (r, &m) in results.iter_mut().zip(more.iter()) {
+                if m != 0 && (*r == 0 || m < *r) {
+                    *r = m;
+                }
+            }
+        }
+    }
 }
 
 impl DirectionTable {
-    fn build(rules: Vec<Rule>) -> Result<Self, DpdkError> {
+    fn build(rules: Vec<Rule>, default_action: DefaultAction) -> Result<Self, DpdkError> {
+        let default = match default_action {
+            DefaultAction::Bypass => Verdict::Bypass,
+            DefaultAction::Discard => Verdict::DefaultDiscard,
+        };
+        let verdicts = std::iter::once(default)
+            .chain(
+                rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| Verdict::of(i as u32, &r.action)),
+            )
+            .collect();
         let n = rules.len() as i32;
         let (mut v4, mut v4f, mut v6, mut v6f) = (vec![], vec![], vec![], vec![]);
         for (i, r) in rules.iter().enumerate() {
@@ -449,15 +524,127 @@ impl DirectionTable {
                 v6f.push(acl_rule_v6(r, prio, user, true));
             }
         }
-        let build4 = |r: Vec<AclRule>| (!r.is_empty()).then(|| Acl::<KeyV4>::build(&r)).transpose();
-        let build6 = |r: Vec<AclRule>| (!r.is_empty()).then(|| Acl::<KeyV6>::build(&r)).transpose();
         Ok(DirectionTable {
-            v4: build4(v4)?,
-            v4_fragments: build4(v4f)?,
-            v6: build6(v6)?,
-            v6_fragments: build6(v6f)?,
+            v4: AclSet::build(&v4)?,
+            v4_fragments: AclSet::build(&v4f)?,
+            v6: AclSet::build(&v6)?,
+            v6_fragments: AclSet::build(&v6f)?,
             rules,
+            verdicts,
         })
+    }
+}
+
+/// A cheap hash of a classification key, for the flow cache.
+pub trait FlowHash {
+    fn flow_hash(&self) -> u32;
+}
+
+#[inline]
+fn mix(x: u64) -> u32 {
+    // xor-shift, multiply, xor-shift: every input bit reaches the low output bits
+    // (the cache indexes with them).
+    let h = (x ^ (x >> 31)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h ^ (h >> 29) ^ (h >> 47)) as u32
+}
+
+impl FlowHash for KeyV4 {
+    #[inline]
+    fn flow_hash(&self) -> u32 {
+        let a =
+            u64::from(u32::from_ne_bytes(self.src)) << 32 | u64::from(u32::from_ne_bytes(self.dst));
+        let b = u64::from(u16::from_ne_bytes(self.sport)) << 24
+            | u64::from(u16::from_ne_bytes(self.dport)) << 8
+            | u64::from(self.proto);
+        mix(a ^ b.rotate_left(17))
+    }
+}
+
+impl FlowHash for KeyV6 {
+    #[inline]
+    fn flow_hash(&self) -> u32 {
+        let w = |b: &[u8; 16], i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap());
+        let ports = u64::from(u16::from_ne_bytes(self.sport)) << 24
+            | u64::from(u16::from_ne_bytes(self.dport)) << 8
+            | u64::from(self.proto);
+        mix(w(&self.src, 0)
+            ^ w(&self.src, 8).rotate_left(13)
+            ^ w(&self.dst, 0).rotate_left(29)
+            ^ w(&self.dst, 8).rotate_left(41)
+            ^ ports)
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct CacheSlot<K> {
+    key: K,
+    userdata: u32,
+    /// The table the answer came from; 0 = empty.
+    generation: u32,
+}
+
+/// A worker's cache of recent classification answers (one per direction and
+/// family), 4-way set-associative by flow hash. Only its worker touches it, so it needs
+/// no lock; entries of an older table are ignored (the table's generation is part
+/// of the entry), so a new table needs no flush.
+///
+/// Traffic of few long flows (the common case) skips the tries almost always;
+/// traffic of ever-new flows costs one hash probe more than the tries alone.
+pub struct FlowCache<K> {
+    slots: Vec<CacheSlot<K>>,
+    mask: usize,
+    miss_keys: Vec<K>,
+    miss_at: Vec<u16>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+const CACHE_WAYS: usize = 4;
+
+impl<K: Copy + Default + PartialEq + FlowHash> FlowCache<K> {
+    /// A cache of `slots` entries (rounded up to a power of two, at least 4).
+    pub fn new(slots: usize) -> Self {
+        let n = slots.max(CACHE_WAYS).next_power_of_two();
+        FlowCache {
+            slots: vec![CacheSlot::default(); n],
+            mask: n - 1,
+            miss_keys: vec![K::default(); CLASSIFY_MAX],
+            miss_at: vec![0; CLASSIFY_MAX],
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    #[inline]
+    fn bucket(&self, hash: u32) -> usize {
+        hash as usize & self.mask & !(CACHE_WAYS - 1)
+    }
+
+    /// The cached answer for `k` under table `generation`, if any.
+    #[inline]
+    fn find(&self, k: &K, generation: u32) -> Option<u32> {
+        let b = self.bucket(k.flow_hash());
+        self.slots[b..b + CACHE_WAYS]
+            .iter()
+            .find(|s| s.generation == generation && s.key == *k)
+            .map(|s| s.userdata)
+    }
+
+    /// Remembers an answer: in a free or stale way of the bucket, else in a way
+    /// picked by the hash's upper bits (cheap, and no flow keeps losing).
+    fn insert(&mut self, k: K, userdata: u32, generation: u32) {
+        let h = k.flow_hash();
+        let b = self.bucket(h);
+        let ways = &mut self.slots[b..b + CACHE_WAYS];
+        let way = ways
+            .iter()
+            .position(|s| s.generation != generation)
+            .unwrap_or(((h >> 24) as usize + self.misses as usize) % CACHE_WAYS);
+        ways[way] = CacheSlot {
+            key: k,
+            userdata,
+            generation,
+        };
     }
 }
 
@@ -465,7 +652,8 @@ impl DirectionTable {
 pub struct FilterTable {
     out: DirectionTable,
     inb: DirectionTable,
-    default_action: DefaultAction,
+    /// Unique per built table: flow-cache entries of another table never match.
+    generation: u32,
 }
 
 /// Largest number of keys one classify call takes (a worker's burst).
@@ -481,10 +669,11 @@ impl FilterTable {
                 .cloned()
                 .collect::<Vec<_>>()
         };
+        static GENERATION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
         Ok(FilterTable {
-            out: DirectionTable::build(of(Direction::Out))?,
-            inb: DirectionTable::build(of(Direction::In))?,
-            default_action,
+            out: DirectionTable::build(of(Direction::Out), default_action)?,
+            inb: DirectionTable::build(of(Direction::In), default_action)?,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -495,19 +684,20 @@ impl FilterTable {
         }
     }
 
+    /// True when a direction has no rules and bypasses by default: nothing can
+    /// change what happens to a frame, so the worker forwards it uninspected.
+    pub fn is_wire(&self, dir: Direction) -> bool {
+        let t = self.table(dir);
+        t.rules.is_empty() && t.verdicts[0] == Verdict::Bypass
+    }
+
     /// The rules of a direction, in match order (indices of [`Verdict`]).
     pub fn rules(&self, dir: Direction) -> &[Rule] {
         &self.table(dir).rules
     }
 
     fn verdict(&self, dir: Direction, userdata: u32) -> Verdict {
-        match userdata.checked_sub(1) {
-            Some(i) => Verdict::of(i, &self.table(dir).rules[i as usize].action),
-            None => match self.default_action {
-                DefaultAction::Bypass => Verdict::Bypass,
-                DefaultAction::Discard => Verdict::DefaultDiscard,
-            },
-        }
+        self.table(dir).verdicts[userdata as usize]
     }
 
     /// Classifies IPv4 keys; `fragments` selects the trie for non-initial fragments.
@@ -520,7 +710,7 @@ impl FilterTable {
     ) {
         let t = self.table(dir);
         let acl = if fragments { &t.v4_fragments } else { &t.v4 };
-        self.classify_with(dir, acl.as_ref(), keys, out)
+        Self::classify_with(&t.verdicts, acl, keys, out)
     }
 
     /// Classifies IPv6 keys; `fragments` selects the trie for non-initial fragments.
@@ -533,26 +723,91 @@ impl FilterTable {
     ) {
         let t = self.table(dir);
         let acl = if fragments { &t.v6_fragments } else { &t.v6 };
-        self.classify_with(dir, acl.as_ref(), keys, out)
+        Self::classify_with(&t.verdicts, acl, keys, out)
     }
 
-    fn classify_with<K: crate::dpdk::AclKey>(
-        &self,
-        dir: Direction,
-        acl: Option<&Acl<K>>,
+    fn classify_with<K: AclKey>(
+        verdicts: &[Verdict],
+        acl: &AclSet<K>,
         keys: &[K],
         out: &mut [Verdict],
     ) {
+        if acl.is_empty() {
+            out[..keys.len()].fill(verdicts[0]);
+            return;
+        }
         let mut results = [0u32; CLASSIFY_MAX];
         for (chunk_keys, chunk_out) in keys.chunks(CLASSIFY_MAX).zip(out.chunks_mut(CLASSIFY_MAX)) {
             let res = &mut results[..chunk_keys.len()];
-            match acl {
-                Some(acl) => acl.classify(chunk_keys, res),
-                None => res.fill(0),
-            }
+            acl.classify(chunk_keys, res);
             for (o, &r) in chunk_out.iter_mut().zip(res.iter()) {
-                *o = self.verdict(dir, r);
+                *o = verdicts[r as usize];
             }
+        }
+    }
+
+    /// Classifies a burst of IPv4 keys through a worker's flow cache: keys seen
+    /// before (under this table) are answered from the cache, the rest go to the
+    /// tries in one call and are remembered.
+    pub fn classify_v4_cached(
+        &self,
+        dir: Direction,
+        cache: &mut FlowCache<KeyV4>,
+        keys: &[KeyV4],
+        out: &mut [Verdict],
+    ) {
+        let t = self.table(dir);
+        self.classify_cached(&t.verdicts, &t.v4, cache, keys, out)
+    }
+
+    /// IPv6 counterpart of [`FilterTable::classify_v4_cached`].
+    pub fn classify_v6_cached(
+        &self,
+        dir: Direction,
+        cache: &mut FlowCache<KeyV6>,
+        keys: &[KeyV6],
+        out: &mut [Verdict],
+    ) {
+        let t = self.table(dir);
+        self.classify_cached(&t.verdicts, &t.v6, cache, keys, out)
+    }
+
+    fn classify_cached<K: AclKey + FlowHash + PartialEq + Default>(
+        &self,
+        verdicts: &[Verdict],
+        acl: &AclSet<K>,
+        cache: &mut FlowCache<K>,
+        keys: &[K],
+        out: &mut [Verdict],
+    ) {
+        if acl.is_empty() {
+            out[..keys.len()].fill(verdicts[0]);
+            return;
+        }
+        assert!(keys.len() <= CLASSIFY_MAX, "one burst at a time");
+        let gen = self.generation;
+        let mut missed = 0usize;
+        for (j, k) in keys.iter().enumerate() {
+            match cache.find(k, gen) {
+                Some(userdata) => out[j] = verdicts[userdata as usize],
+                None => {
+                    cache.miss_keys[missed] = *k;
+                    cache.miss_at[missed] = j as u16;
+                    missed += 1;
+                }
+            }
+        }
+        cache.hits += (keys.len() - missed) as u64;
+        cache.misses += missed as u64;
+        if missed == 0 {
+            return;
+        }
+        let mut results = [0u32; CLASSIFY_MAX];
+        acl.classify(&cache.miss_keys[..missed], &mut results[..missed]);
+        for m in 0..missed {
+            let k = cache.miss_keys[m];
+            out[cache.miss_at[m] as usize] = verdicts[results[m] as usize];
+            cache.insert(k, results[m], gen);
         }
     }
 
@@ -910,5 +1165,53 @@ mod tests {
                 prop_assert_eq!(t.classify_one(dir, &k), t.classify_linear(dir, &k), "{:?}", k);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn cache_answers_like_the_tries_and_forgets_old_tables() {
+        crate::dpdk::init_eal_for_tests();
+        let rule = |dst: &str, action: Action| Rule {
+            name: dst.into(),
+            direction: Direction::Out,
+            src: None,
+            dst: Some(dst.parse().unwrap()),
+            proto: Protocol::Udp,
+            sport: PortRange::ANY,
+            dport: PortRange::ANY,
+            action,
+        };
+        let t1 = FilterTable::build(
+            &[rule("198.18.0.0/24", Action::Discard)],
+            DefaultAction::Bypass,
+        )
+        .unwrap();
+        let t2 = FilterTable::build(
+            &[rule("198.18.0.0/24", Action::Bypass)],
+            DefaultAction::Discard,
+        )
+        .unwrap();
+        let keys: Vec<KeyV4> = (0..64u8)
+            .map(|i| KeyV4::new(17, [10, 0, 0, i], [198, 18, i % 2, 1], 1000 + i as u16, 53))
+            .collect();
+        let mut cache = FlowCache::new(1024);
+        let mut cached = vec![Verdict::Bypass; keys.len()];
+        let mut plain = vec![Verdict::Bypass; keys.len()];
+        for round in 0..3 {
+            t1.classify_v4_cached(Direction::Out, &mut cache, &keys, &mut cached);
+            t1.classify_v4(Direction::Out, false, &keys, &mut plain);
+            assert_eq!(cached, plain, "round {round}");
+        }
+        assert_eq!(cache.misses, 64, "only the first round misses");
+        assert_eq!(cache.hits, 128);
+        // A new table: every cached answer of the old one is ignored.
+        t2.classify_v4_cached(Direction::Out, &mut cache, &keys, &mut cached);
+        t2.classify_v4(Direction::Out, false, &keys, &mut plain);
+        assert_eq!(cached, plain);
+        assert_eq!(cache.misses, 128);
     }
 }

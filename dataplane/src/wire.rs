@@ -50,22 +50,29 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
 
-/// Reads the transport selectors at `l4` of `ip` (ports, or ICMP type and code).
+/// Writes the transport selectors at `l4` of `ip` into the key's port fields
+/// (ports, or ICMP type and code as 16-bit values; zeros for other protocols).
 #[inline]
-fn transport(ip: &[u8], l4: usize, proto: u8) -> Result<(u16, u16), Malformed> {
+fn transport(
+    ip: &[u8],
+    l4: usize,
+    proto: u8,
+    sport: &mut [u8; 2],
+    dport: &mut [u8; 2],
+) -> Result<(), Malformed> {
     if proto_has_ports(proto) {
-        match (be16(ip, l4), be16(ip, l4 + 2)) {
-            (Some(s), Some(d)) => Ok((s, d)),
-            _ => Err(Malformed::Transport),
-        }
+        let p = ip.get(l4..l4 + 4).ok_or(Malformed::Transport)?;
+        sport.copy_from_slice(&p[..2]);
+        dport.copy_from_slice(&p[2..]);
     } else if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
-        match (ip.get(l4), ip.get(l4 + 1)) {
-            (Some(&t), Some(&c)) => Ok((t as u16, c as u16)),
-            _ => Err(Malformed::Transport),
-        }
+        let p = ip.get(l4..l4 + 2).ok_or(Malformed::Transport)?;
+        *sport = [0, p[0]];
+        *dport = [0, p[1]];
     } else {
-        Ok((0, 0))
+        *sport = [0; 2];
+        *dport = [0; 2];
     }
+    Ok(())
 }
 
 /// Offset of the L3 header and its ethertype, after any VLAN tags.
@@ -91,60 +98,83 @@ pub fn l3_offset(frame: &[u8]) -> Result<(usize, u16), Malformed> {
     Ok((off, ethertype))
 }
 
-/// Parses one Ethernet frame held in one buffer.
-#[inline]
+/// What a frame is. For IP frames the key has been written to the slot passed
+/// to [`parse_into`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    NonIp,
+    Malformed(Malformed),
+    V4 { fragment: bool },
+    V6 { fragment: bool },
+}
+
+/// Parses one Ethernet frame held in one buffer (tests and slow paths).
 pub fn parse_frame(frame: &[u8]) -> Parsed {
-    parse_segmented(frame, frame.len())
+    let (mut v4, mut v6) = (KeyV4::default(), KeyV6::default());
+    match parse_into(frame, frame.len(), &mut v4, &mut v6) {
+        FrameKind::NonIp => Parsed::NonIp,
+        FrameKind::Malformed(m) => Parsed::Malformed(m),
+        FrameKind::V4 { fragment } => Parsed::V4 { key: v4, fragment },
+        FrameKind::V6 { fragment } => Parsed::V6 { key: v6, fragment },
+    }
 }
 
 /// Parses a frame of `total_len` bytes whose first segment is `first` (jumbo
-/// frames arrive as chained mbufs). Lengths are checked against the whole frame;
-/// headers must lie in the first segment, as every PMD delivers them.
+/// frames arrive as chained mbufs), writing an IPv4 key to `v4` or an IPv6 key
+/// to `v6`. Lengths are checked against the whole frame; headers must lie in the
+/// first segment, as every PMD delivers them. The keys are written in place (the
+/// worker passes its batch slots) so no key is copied on the packet path.
 #[inline]
-pub fn parse_segmented(first: &[u8], total_len: usize) -> Parsed {
+pub fn parse_into(first: &[u8], total_len: usize, v4: &mut KeyV4, v6: &mut KeyV6) -> FrameKind {
     let (off, ethertype) = match l3_offset(first) {
         Ok(x) => x,
-        Err(m) => return Parsed::Malformed(m),
+        Err(m) => return FrameKind::Malformed(m),
     };
     let ip = &first[off..];
     let ip_len = total_len.max(first.len()) - off;
-    let r = match ethertype {
-        ETHERTYPE_IPV4 => parse_ipv4(ip, ip_len),
-        ETHERTYPE_IPV6 => parse_ipv6(ip, ip_len),
-        _ => return Parsed::NonIp,
-    };
-    r.unwrap_or_else(Parsed::Malformed)
+    match ethertype {
+        ETHERTYPE_IPV4 => match parse_ipv4(ip, ip_len, v4) {
+            Ok(fragment) => FrameKind::V4 { fragment },
+            Err(m) => FrameKind::Malformed(m),
+        },
+        ETHERTYPE_IPV6 => match parse_ipv6(ip, ip_len, v6) {
+            Ok(fragment) => FrameKind::V6 { fragment },
+            Err(m) => FrameKind::Malformed(m),
+        },
+        _ => FrameKind::NonIp,
+    }
 }
 
-/// `ip`: the bytes at hand (first segment); `ip_len`: the packet's bytes in all segments.
-fn parse_ipv4(ip: &[u8], ip_len: usize) -> Result<Parsed, Malformed> {
+/// `ip`: the bytes at hand (first segment); `ip_len`: the packet's bytes in all
+/// segments. Returns whether it is a non-initial fragment.
+#[inline]
+fn parse_ipv4(ip: &[u8], ip_len: usize, key: &mut KeyV4) -> Result<bool, Malformed> {
     if ip.len() < 20 || ip[0] >> 4 != 4 {
         return Err(Malformed::Ipv4);
     }
     let ihl = (ip[0] & 0x0f) as usize * 4;
-    let total = be16(ip, 2).ok_or(Malformed::Ipv4)? as usize;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     // Ethernet may pad short packets: the frame can be longer than total length.
     if ihl < 20 || total < ihl || total > ip_len || ihl > ip.len() {
         return Err(Malformed::Ipv4);
     }
     let ip = &ip[..total.min(ip.len())];
-    let frag = be16(ip, 6).ok_or(Malformed::Ipv4)?;
-    let non_initial = frag & 0x1fff != 0;
+    let non_initial = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
     let proto = ip[9];
-    let (sport, dport) = if non_initial {
-        (0, 0)
+    key.proto = proto;
+    key.src.copy_from_slice(&ip[12..16]);
+    key.dst.copy_from_slice(&ip[16..20]);
+    if non_initial {
+        key.sport = [0; 2];
+        key.dport = [0; 2];
     } else {
-        transport(ip, ihl, proto)?
-    };
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    let dst = [ip[16], ip[17], ip[18], ip[19]];
-    Ok(Parsed::V4 {
-        key: KeyV4::new(proto, src, dst, sport, dport),
-        fragment: non_initial,
-    })
+        transport(ip, ihl, proto, &mut key.sport, &mut key.dport)?;
+    }
+    Ok(non_initial)
 }
 
-fn parse_ipv6(ip: &[u8], ip_len: usize) -> Result<Parsed, Malformed> {
+#[inline]
+fn parse_ipv6(ip: &[u8], ip_len: usize, key: &mut KeyV6) -> Result<bool, Malformed> {
     if ip.len() < 40 || ip[0] >> 4 != 6 {
         return Err(Malformed::Ipv6);
     }
@@ -202,19 +232,16 @@ fn parse_ipv6(ip: &[u8], ip_len: usize) -> Result<Parsed, Malformed> {
         // Longer chain than we walk: refuse rather than guess the protocol.
         return Err(Malformed::Ipv6);
     }
-    let (sport, dport) = if non_initial {
-        (0, 0)
+    key.proto = next;
+    key.src.copy_from_slice(&ip[8..24]);
+    key.dst.copy_from_slice(&ip[24..40]);
+    if non_initial {
+        key.sport = [0; 2];
+        key.dport = [0; 2];
     } else {
-        transport(ip, off, next)?
-    };
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
-    dst.copy_from_slice(&ip[24..40]);
-    Ok(Parsed::V6 {
-        key: KeyV6::new(next, src, dst, sport, dport),
-        fragment: non_initial,
-    })
+        transport(ip, off, next, &mut key.sport, &mut key.dport)?;
+    }
+    Ok(non_initial)
 }
 
 #[cfg(test)]
@@ -343,10 +370,13 @@ mod tests {
         ip[2..4].copy_from_slice(&3000u16.to_be_bytes());
         let f = eth(ETHERTYPE_IPV4, &ip);
         // The first segment holds the headers; the rest of the 3014 bytes is chained.
-        assert!(matches!(parse_segmented(&f, 14 + 3000), Parsed::V4 { .. }));
+        assert!(matches!(
+            parse_into(&f, 14 + 3000, &mut KeyV4::default(), &mut KeyV6::default()),
+            FrameKind::V4 { .. }
+        ));
         assert_eq!(
-            parse_segmented(&f, 14 + 2999),
-            Parsed::Malformed(Malformed::Ipv4)
+            parse_into(&f, 14 + 2999, &mut KeyV4::default(), &mut KeyV6::default()),
+            FrameKind::Malformed(Malformed::Ipv4)
         );
         assert_eq!(parse_frame(&f), Parsed::Malformed(Malformed::Ipv4));
     }
