@@ -8,6 +8,8 @@
 //! - [`filter`]: the filter table (SPD): ordered rules compiled into rte_acl tries.
 //! - [`worker`]: the poll loop over bursts.
 //! - [`counters`]: single-writer per-worker counters.
+//! - [`sa`]: security associations: parameters, keys (ring AEAD), replay window, lifetimes.
+//! - [`esp`]: ESP encapsulation and decapsulation in place (RFC 4303, 3948, 4106, 7634).
 //! - [`app`]: wiring it together for the `bitw-dataplane` binary.
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -15,6 +17,8 @@ pub mod app;
 pub mod config;
 pub mod counters;
 pub mod dpdk;
+pub mod esp;
 pub mod filter;
+pub mod sa;
 pub mod wire;
 pub mod worker;
