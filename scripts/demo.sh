@@ -8,6 +8,8 @@ cd "$BITW_ROOT"
 
 bash scripts/setup-debian.sh
 cargo build --release -p bitw-dataplane
+# Key files must not be readable by others (git does not keep that mode).
+chmod 600 configs/demo/*.key
 "$BITW_DATAPLANE" --config configs/demo.toml --check
 "$BITW_DATAPLANE" --config configs/demo.toml --run-for "${BITW_DEMO_SECONDS:-3}" | tee /tmp/bitw-demo-summary.json
 for side in inside outside; do

@@ -7,6 +7,7 @@ every rule of configs/demo.toml plus ARP, NDP and a VLAN-tagged frame.
 Run: /usr/bin/python3 configs/demo/make_pcaps.py
 """
 import os
+from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.all import ARP, Dot1Q, Ether, ICMP, ICMPv6EchoRequest, ICMPv6ND_NS, IP, IPv6, TCP, UDP, Raw, wrpcap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +33,15 @@ inside = [
     out(IPv6(src="2001:db8:a::1", dst="ff02::1:ff00:9") / ICMPv6ND_NS(tgt="2001:db8:a::9")),
     Ether(src=T, dst=R) / Dot1Q(vlan=10) / IP(src="10.0.0.2", dst="198.51.100.10") / TCP(sport=40002, dport=443),
 ]
+# Headquarters' reply, encrypted with the inbound SA from-hq (configs/demo.toml).
+with open(os.path.join(HERE, "from-hq.key")) as f:
+    from_hq_key = bytes.fromhex(f.read().strip())
+from_hq = SecurityAssociation(ESP, spi=0x2001, crypt_algo="AES-GCM", crypt_key=from_hq_key,
+                              tunnel_header=IP(src="172.16.0.2", dst="172.16.0.1"))
+hq_reply = from_hq.encrypt(IP(src="10.1.2.3", dst="10.0.0.1") / TCP(sport=22, dport=40001) / Raw(b"from hq"))
+
 outside = [
+    inb(hq_reply),
     inb(IP(src="198.51.100.10", dst="10.0.0.1") / TCP(sport=443, dport=40000) / Raw(b"reply")),
     inb(IP(src="192.0.2.66", dst="10.0.0.1") / TCP(sport=1234, dport=3389) / Raw(b"scan")),
     inb(IP(src="198.51.100.10", dst="10.0.0.1") / ICMP(type=8)),

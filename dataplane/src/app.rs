@@ -11,8 +11,10 @@ use serde::Serialize;
 use crate::config::{device_name, is_pci_address, Config};
 use crate::counters::{DropReason, WorkerCounters, WorkerSnapshot};
 use crate::dpdk::{self, Eal, Mempool, Port, PortSetup, PortStats};
-use crate::filter::FilterTable;
-use crate::worker::Worker;
+use crate::filter::{Direction, FilterTable};
+use crate::sa::SaEvent;
+use crate::sadb::{SaChange, Sadb};
+use crate::worker::{Handoff, SaEventRecord, Worker};
 
 /// Exit codes (documented in `--help`).
 pub mod exit {
@@ -42,6 +44,32 @@ pub struct PortSummary {
     pub stats: PortStats,
 }
 
+/// One SA's state at the end (keys never appear).
+#[derive(Serialize)]
+pub struct SaSummary {
+    pub name: String,
+    pub direction: &'static str,
+    pub spi: String,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Outbound: the last sequence number used; inbound: the highest received.
+    pub sequence: u64,
+    pub expired: bool,
+    pub owner_worker: usize,
+}
+
+/// SA events seen while running.
+#[derive(Serialize, Default)]
+pub struct EventTotals {
+    pub soft_lifetime: u64,
+    pub hard_lifetime: u64,
+    pub sequence_exhausted: u64,
+    pub lost: u64,
+}
+
+/// At most this many SAs are listed one by one in the summary.
+const SA_SUMMARY_CAP: usize = 1000;
+
 /// The JSON printed on stdout when the dataplane stops.
 #[derive(Serialize)]
 pub struct Summary {
@@ -59,6 +87,66 @@ pub struct Summary {
     /// Frames of directions without rules (default bypass), forwarded unparsed.
     pub uninspected: u64,
     pub drops: BTreeMap<String, u64>,
+    pub esp_encrypted: u64,
+    pub esp_decrypted: u64,
+    pub handed_off: u64,
+    pub sa_events: EventTotals,
+    /// The SAs (the first 1000), with their counters.
+    pub sas: Vec<SaSummary>,
+    pub sa_count: usize,
+}
+
+fn log_event(sadb: &Sadb, e: &SaEventRecord, totals: &std::sync::Mutex<EventTotals>) {
+    let table = sadb.load();
+    let sa = match e.direction {
+        Direction::Out => table.outbound(e.slot),
+        Direction::In => table.inbound(e.slot),
+    };
+    let name = sa.map_or("?", |s| s.params.name.as_str());
+    let what = match e.event {
+        SaEvent::SoftLifetime => "soft lifetime reached (rekey now)",
+        SaEvent::HardLifetime => "hard lifetime reached: SA expired",
+        SaEvent::SequenceExhausted => "sequence numbers used up: SA expired",
+    };
+    eprintln!(
+        "bitw-dataplane: SA {name} ({} SPI {:#010x}): {what}",
+        e.direction.as_str(),
+        e.spi
+    );
+    let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+    match e.event {
+        SaEvent::SoftLifetime => t.soft_lifetime += 1,
+        SaEvent::HardLifetime => t.hard_lifetime += 1,
+        SaEvent::SequenceExhausted => t.sequence_exhausted += 1,
+    }
+}
+
+fn sa_summaries(sadb: &Sadb) -> (Vec<SaSummary>, usize) {
+    let table = sadb.load();
+    let all: Vec<_> = table
+        .outbound
+        .iter()
+        .chain(table.inbound.iter())
+        .flatten()
+        .collect();
+    let list = all
+        .iter()
+        .take(SA_SUMMARY_CAP)
+        .map(|sa| SaSummary {
+            name: sa.params.name.clone(),
+            direction: sa.params.direction.as_str(),
+            spi: format!("{:#010x}", sa.params.spi),
+            packets: sa.packets.load(Ordering::Relaxed),
+            bytes: sa.bytes.load(Ordering::Relaxed),
+            sequence: match sa.params.direction {
+                Direction::Out => sa.seq.load(Ordering::Relaxed),
+                Direction::In => sa.top_seen.load(Ordering::Relaxed),
+            },
+            expired: sa.is_expired(),
+            owner_worker: sa.owner,
+        })
+        .collect();
+    (list, all.len())
 }
 
 /// EAL arguments: the config's, plus lcores, devices and a file prefix if absent.
@@ -195,9 +283,20 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
     };
     let inside = open("inside", &cfg.inside.device)?;
     let outside = open("outside", &cfg.outside.device)?;
+    let sadb = Arc::new(Sadb::new(w));
+    sadb.apply(cfg.sas.iter().cloned().map(SaChange::Install).collect())
+        .map_err(|e| Failure {
+            code: exit::CONFIG,
+            message: format!("{}: {e}", cfg.path.display()),
+        })?;
     let filter = Arc::new(
-        FilterTable::build(&cfg.policies, cfg.dataplane.default_action).map_err(dpdk_failure)?,
+        FilterTable::build_with_sas(&cfg.policies, cfg.dataplane.default_action, &|name, dir| {
+            sadb.slot(name, dir)
+        })
+        .map_err(dpdk_failure)?,
     );
+    let handoff = Arc::new(Handoff::new(w, cfg.dataplane.handoff_depth));
+    let events = Arc::new(crossbeam_queue::ArrayQueue::<SaEventRecord>::new(4096));
 
     let counters: Vec<Arc<WorkerCounters>> = (0..w)
         .map(|_| Arc::new(WorkerCounters::default()))
@@ -211,6 +310,10 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
                 burst: cfg.dataplane.burst,
                 flow_cache: cfg.dataplane.flow_cache,
                 filter: filter.clone(),
+                sadb: sadb.clone(),
+                handoff: handoff.clone(),
+                events: events.clone(),
+                drop_unknown_spi: cfg.dataplane.drop_unknown_spi,
                 counters: counters[i].clone(),
                 stop: stop.clone(),
             };
@@ -219,6 +322,22 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         .collect();
 
     let started = Instant::now();
+    // SA events are logged as they come by an ordinary thread (no DPDK calls).
+    let totals = Arc::new(std::sync::Mutex::new(EventTotals::default()));
+    let monitor = {
+        let (events, sadb, stop, totals) =
+            (events.clone(), sadb.clone(), stop.clone(), totals.clone());
+        std::thread::spawn(move || loop {
+            let done = stop.load(Ordering::Relaxed);
+            while let Some(e) = events.pop() {
+                log_event(&sadb, &e, &totals);
+            }
+            if done {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        })
+    };
     // The timer runs on an ordinary thread: it never touches DPDK.
     if let Some(limit) = opts.run_for {
         let stop = stop.clone();
@@ -242,6 +361,11 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
     );
     let ran = dpdk::run_on_lcores(&eal, tasks);
     let duration = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let _ = monitor.join();
+    while let Some(e) = events.pop() {
+        log_event(&sadb, &e, &totals);
+    }
 
     let workers: Vec<WorkerSnapshot> = counters
         .iter()
@@ -262,6 +386,7 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
             },
         );
     }
+    let sas = sa_summaries(&sadb);
     inside.close();
     outside.close();
     drop(filter);
@@ -293,6 +418,16 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         non_ip: workers.iter().map(|s| s.non_ip).sum(),
         bypassed: workers.iter().map(|s| s.bypassed).sum(),
         uninspected: workers.iter().map(|s| s.uninspected).sum(),
+        esp_encrypted: workers.iter().map(|s| s.esp_encrypted).sum(),
+        esp_decrypted: workers.iter().map(|s| s.esp_decrypted).sum(),
+        handed_off: workers.iter().map(|s| s.handed_off).sum(),
+        sa_events: {
+            let mut t = std::mem::take(&mut *totals.lock().unwrap_or_else(|e| e.into_inner()));
+            t.lost = workers.iter().map(|s| s.events_lost).sum();
+            t
+        },
+        sa_count: sas.1,
+        sas: sas.0,
         workers,
         ports,
         drops,

@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::filter::{Action, Direction, PortRange, Prefix, Protocol, Rule};
+use crate::sa::{AeadAlg, Encap, Limits, Mode, SaParams, NAT_T_PORT_DEFAULT};
 
 /// Largest burst a worker asks of a port (and the size of its per-burst arrays).
 pub const MAX_BURST: usize = 256;
@@ -71,6 +72,11 @@ pub struct DataplaneConfig {
     pub mbufs: u32,
     /// Flow-cache entries per worker, direction and address family; 0 = no cache.
     pub flow_cache: usize,
+    /// Inbound ESP with an SPI no SA has: drop it (true), or classify it like
+    /// any packet (false, for ESP between other hosts that passes through).
+    pub drop_unknown_spi: bool,
+    /// Packets a worker's inbox holds for SAs it owns (handed over by other workers).
+    pub handoff_depth: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +94,8 @@ pub struct Config {
     pub outside: PortConfig,
     /// Rules in file order; the filter keeps the order per direction.
     pub policies: Vec<Rule>,
+    /// Static SAs, keys loaded from their key files.
+    pub sas: Vec<SaParams>,
 }
 
 // ---- raw shapes, as they are written in the file ----
@@ -100,6 +108,87 @@ struct RawConfig {
     ports: RawPorts,
     #[serde(default)]
     policy: Vec<RawPolicy>,
+    #[serde(default)]
+    sa: Vec<RawSa>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSa {
+    name: Spanned<String>,
+    direction: Direction,
+    spi: Spanned<Spi>,
+    mode: Spanned<RawMode>,
+    tunnel_src: Option<Spanned<IpAddr>>,
+    tunnel_dst: Option<Spanned<IpAddr>>,
+    #[serde(default)]
+    encap: RawEncap,
+    udp_sport: Option<u16>,
+    udp_dport: Option<u16>,
+    aead: Spanned<String>,
+    key_file: Spanned<PathBuf>,
+    #[serde(default = "default_true")]
+    esn: bool,
+    replay_window: Option<Spanned<u32>>,
+    #[serde(default)]
+    lifetime_packets: RawLimits,
+    #[serde(default)]
+    lifetime_bytes: RawLimits,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    Tunnel,
+    Transport,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+enum RawEncap {
+    #[default]
+    None,
+    Udp,
+}
+
+#[derive(Deserialize, Clone, Copy, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    soft: u64,
+    #[serde(default)]
+    hard: u64,
+}
+
+/// An SPI written as "0x00001001" or as a number.
+#[derive(Clone, Copy)]
+struct Spi(u32);
+
+impl<'de> Deserialize<'de> for Spi {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(IntOrStr {
+            expecting: "an SPI: \"0x00001001\" or a number",
+            from_int: |n| {
+                u32::try_from(n)
+                    .map(Spi)
+                    .map_err(|_| format!("SPI {n} does not fit 32 bits"))
+            },
+            from_str: |s| {
+                let t = s.trim();
+                let v = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                    Some(h) => u32::from_str_radix(h, 16),
+                    None => t.parse::<u32>(),
+                };
+                v.map(Spi).map_err(|_| {
+                    format!("`{s}` is not an SPI: expected \"0x00001001\" or a decimal number")
+                })
+            },
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -120,6 +209,14 @@ struct RawDataplane {
     tx_descriptors: Option<Spanned<u16>>,
     mbufs: Option<Spanned<u32>>,
     flow_cache: Option<Spanned<usize>>,
+    unknown_spi: Option<UnknownSpi>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum UnknownSpi {
+    Drop,
+    Classify,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +344,20 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Line of the `i`-th `[[policy]]` header.
+    fn line_of_policy(&self, i: usize) -> Option<usize> {
+        let mut n = 0;
+        for (no, l) in self.text.lines().enumerate() {
+            if l.trim().starts_with("[[policy]]") {
+                if n == i {
+                    return Some(no + 1);
+                }
+                n += 1;
+            }
+        }
+        None
+    }
+
     fn err<T>(
         &self,
         span: std::ops::Range<usize>,
@@ -292,6 +403,7 @@ impl Config {
             tx_descriptors: None,
             mbufs: None,
             flow_cache: None,
+            unknown_spi: None,
         });
         let workers = match rd.workers {
             Some(w) if *w.get_ref() == 0 || *w.get_ref() > 64 => {
@@ -398,6 +510,8 @@ impl Config {
         };
         let dataplane = DataplaneConfig {
             flow_cache,
+            drop_unknown_spi: rd.unknown_spi != Some(UnknownSpi::Classify),
+            handoff_depth: 4096,
             workers,
             burst,
             default_action: rd.default_action.unwrap_or(DefaultAction::Bypass),
@@ -548,6 +662,8 @@ impl Config {
             });
         }
 
+        let sas = load_sas(&ctx, raw.sa, &policies)?;
+
         Ok(Config {
             path: path.to_path_buf(),
             eal,
@@ -555,8 +671,232 @@ impl Config {
             inside,
             outside,
             policies,
+            sas,
         })
     }
+}
+
+/// Validates the `[[sa]]` tables, reads their keys, and checks that every
+/// protect rule names an SA of its direction.
+fn load_sas(ctx: &Ctx, raw: Vec<RawSa>, policies: &[Rule]) -> Result<Vec<SaParams>, ConfigError> {
+    let mut sas: Vec<SaParams> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let field = |f: &str| format!("sa[{i}].{f}");
+        let name = r.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            return ctx.err(r.name.span(), field("name"), "empty SA name".into());
+        }
+        if sas.iter().any(|s| s.name == name) {
+            return ctx.err(
+                r.name.span(),
+                field("name"),
+                format!("SA name `{name}` is used twice"),
+            );
+        }
+        let spi = r.spi.get_ref().0;
+        if spi < 256 {
+            return ctx.err(
+                r.spi.span(),
+                field("spi"),
+                format!(
+                    "SPI {spi:#x} is reserved (RFC 4303 §2.1: 1-255 are reserved, 0 is never sent)"
+                ),
+            );
+        }
+        if let Some(other) = sas
+            .iter()
+            .find(|s| s.spi == spi && s.direction == r.direction)
+        {
+            return ctx.err(
+                r.spi.span(),
+                field("spi"),
+                format!(
+                    "SPI {spi:#010x} is already used by SA `{}` of the same direction",
+                    other.name
+                ),
+            );
+        }
+        let alg = AeadAlg::from_name(r.aead.get_ref().trim()).map_or_else(
+            || {
+                ctx.err(
+                    r.aead.span(),
+                    field("aead"),
+                    format!(
+                        "unknown AEAD `{}`: expected aes128gcm16, aes256gcm16 or chacha20poly1305",
+                        r.aead.get_ref()
+                    ),
+                )
+            },
+            Ok,
+        )?;
+        let mode = match (*r.mode.get_ref(), &r.tunnel_src, &r.tunnel_dst) {
+            (RawMode::Tunnel, Some(s), Some(d)) => {
+                if s.get_ref().is_ipv4() != d.get_ref().is_ipv4() {
+                    return ctx.err(d.span(), field("tunnel_dst"), format!(
+                        "`{}` and tunnel_src `{}` are of different address families", d.get_ref(), s.get_ref()));
+                }
+                Mode::Tunnel { src: *s.get_ref(), dst: *d.get_ref() }
+            }
+            (RawMode::Tunnel, _, _) => {
+                return ctx.err(r.mode.span(), field(if r.tunnel_src.is_none() { "tunnel_src" } else { "tunnel_dst" }),
+                    "tunnel mode needs tunnel_src and tunnel_dst (the outer addresses)".into())
+            }
+            (RawMode::Transport, Some(t), _) | (RawMode::Transport, None, Some(t)) => {
+                return ctx.err(t.span(), field("tunnel_src"),
+                    "tunnel_src/tunnel_dst are for mode = \"tunnel\"; transport mode keeps the packet's addresses".into())
+            }
+            (RawMode::Transport, None, None) => Mode::Transport,
+        };
+        let encap = match r.encap {
+            RawEncap::None => {
+                if r.udp_sport.is_some() || r.udp_dport.is_some() {
+                    return ctx.err(
+                        r.name.span(),
+                        field("udp_sport"),
+                        "udp_sport/udp_dport need encap = \"udp\"".into(),
+                    );
+                }
+                Encap::None
+            }
+            RawEncap::Udp => Encap::Udp {
+                sport: r.udp_sport.unwrap_or(NAT_T_PORT_DEFAULT),
+                dport: r.udp_dport.unwrap_or(NAT_T_PORT_DEFAULT),
+            },
+        };
+        let replay_window = match (&r.replay_window, r.direction) {
+            (Some(w), Direction::Out) => {
+                return ctx.err(w.span(), field("replay_window"), "replay_window is for inbound SAs (direction = \"in\")".into())
+            }
+            (Some(w), Direction::In) if *w.get_ref() > 1 << 20 => {
+                return ctx.err(w.span(), field("replay_window"), format!(
+                    "window of {} packets is more than the 1048576 supported (0 turns replay checks off)", w.get_ref()))
+            }
+            (Some(w), Direction::In) => *w.get_ref(),
+            (None, Direction::In) => 1024,
+            (None, Direction::Out) => 0,
+        };
+        for (lname, l) in [
+            ("lifetime_packets", r.lifetime_packets),
+            ("lifetime_bytes", r.lifetime_bytes),
+        ] {
+            if l.soft != 0 && l.hard != 0 && l.soft >= l.hard {
+                return ctx.err(
+                    r.name.span(),
+                    field(lname),
+                    format!(
+                        "soft limit {} must be below the hard limit {}",
+                        l.soft, l.hard
+                    ),
+                );
+            }
+        }
+        let key_material = read_key_file(r.key_file.get_ref()).or_else(|m| {
+            ctx.err(
+                r.key_file.span(),
+                field("key_file"),
+                format!("{}: {m}", r.key_file.get_ref().display()),
+            )
+        })?;
+        let want = alg.key_len() + crate::sa::SALT_LEN;
+        if key_material.len() != want {
+            return ctx.err(
+                r.key_file.span(),
+                field("key_file"),
+                format!(
+                    "{} holds {} bytes; {} needs {want} ({} bytes of key, then the 4-byte salt)",
+                    r.key_file.get_ref().display(),
+                    key_material.len(),
+                    alg.name(),
+                    alg.key_len()
+                ),
+            );
+        }
+        sas.push(SaParams {
+            name,
+            direction: r.direction,
+            spi,
+            mode,
+            encap,
+            alg,
+            key_material,
+            esn: r.esn,
+            replay_window,
+            lifetime_packets: Limits {
+                soft: r.lifetime_packets.soft,
+                hard: r.lifetime_packets.hard,
+            },
+            lifetime_bytes: Limits {
+                soft: r.lifetime_bytes.soft,
+                hard: r.lifetime_bytes.hard,
+            },
+        });
+    }
+    // Every protect rule must name an SA of its own direction.
+    for (i, rule) in policies.iter().enumerate() {
+        if let Action::Protect { sa } = &rule.action {
+            match sas.iter().find(|s| &s.name == sa) {
+                Some(s) if s.direction == rule.direction => {}
+                Some(s) => {
+                    return Err(ConfigError {
+                        file: ctx.file.to_path_buf(),
+                        line: ctx.line_of_policy(i),
+                        field: Some(format!("policy[{i}].sa")),
+                        message: format!(
+                            "SA `{sa}` is an {} SA but rule `{}` is for direction {}",
+                            s.direction.as_str(),
+                            rule.name,
+                            rule.direction.as_str()
+                        ),
+                    })
+                }
+                None => {
+                    return Err(ConfigError {
+                        file: ctx.file.to_path_buf(),
+                        line: ctx.line_of_policy(i),
+                        field: Some(format!("policy[{i}].sa")),
+                        message: format!("no [[sa]] is named `{sa}`"),
+                    })
+                }
+            }
+        }
+    }
+    Ok(sas)
+}
+
+/// Reads a hex key file (whitespace, colons and a 0x prefix allowed). It must
+/// not be readable by group or others: keys are secrets.
+fn read_key_file(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read the key file: {e}"))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "the key file is readable by others (mode {:o}); run `chmod 600 {}`",
+            mode & 0o777,
+            path.display()
+        ));
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read the key file: {e}"))?,
+    );
+    let hex: zeroize::Zeroizing<String> = zeroize::Zeroizing::new(
+        text.trim()
+            .trim_start_matches("0x")
+            .chars()
+            .filter(|c| !c.is_whitespace() && *c != ':')
+            .collect(),
+    );
+    if !hex.len().is_multiple_of(2) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        // Never echo the content: it is a key.
+        return Err(
+            "the key file must hold the key and salt as hex digits (an even number of them)".into(),
+        );
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex checked above"))
+        .collect();
+    Ok(zeroize::Zeroizing::new(bytes))
 }
 
 /// The EAL arguments used when `[eal]` is absent: no hugepages, no PCI scan.
@@ -699,9 +1039,37 @@ sa = "to-hq"
         Config::parse(Path::new("test.toml"), text)
     }
 
+    /// A key file (20 bytes: AES-128 key + salt), mode 0600, unique per test.
+    fn key_file(tag: &str, mode: u32, hex: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = std::env::temp_dir().join(format!("bitw-test-{}-{tag}.key", std::process::id()));
+        std::fs::write(&p, hex).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    const KEY20: &str = "000102030405060708090a0b0c0d0e0f10111213\n";
+
+    /// GOOD plus the SA its protect rule names (lines 33 on).
+    fn with_sa(tag: &str, sa_extra: &str) -> String {
+        let k = key_file(tag, 0o600, KEY20);
+        format!(
+            "{GOOD}\n[[sa]]\nname = \"to-hq\"\ndirection = \"in\"\nspi = \"0x00001001\"\nmode = \"tunnel\"\ntunnel_src = \"2001:db8::1\"\ntunnel_dst = \"2001:db8::2\"\naead = \"aes128gcm16\"\nkey_file = \"{}\"\n{sa_extra}",
+            k.display()
+        )
+    }
+
     #[test]
     fn good_config_parses() {
-        let c = parse(GOOD).unwrap();
+        let c = parse(&with_sa("good", "")).unwrap();
+        assert_eq!(c.sas.len(), 1);
+        assert_eq!(c.sas[0].spi, 0x1001);
+        assert_eq!(c.sas[0].replay_window, 1024);
+        assert!(c.sas[0].esn);
+        assert_eq!(
+            &c.sas[0].key_material[..],
+            &(0..20u8).collect::<Vec<_>>()[..]
+        );
         assert_eq!(c.dataplane.default_action, DefaultAction::Discard);
         assert_eq!(c.policies.len(), 2);
         assert_eq!(c.policies[0].dport, PortRange { lo: 1000, hi: 2000 });
@@ -791,6 +1159,68 @@ sa = "to-hq"
         expect_err(&t, 22, "policy[0].dport", "ICMP code");
         let t = GOOD.replace("dport = 53", "dport = 5.5");
         expect_err(&t, 30, "policy[1].dport", "expected a port");
+    }
+
+    #[test]
+    fn sa_errors_name_line_and_field() {
+        // The protect rule's SA must exist (line 32: its `sa`'s rule header is line 25).
+        let e = parse(GOOD).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(25), Some("policy[1].sa")),
+            "{e}"
+        );
+        assert!(e.message.contains("no [[sa]] is named `to-hq`"), "{e}");
+        // Key file readable by others.
+        let loose = key_file("loose", 0o644, KEY20);
+        let t = with_sa("x1", "").replace(
+            &key_file("x1", 0o600, KEY20).display().to_string(),
+            &loose.display().to_string(),
+        );
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("sa[0].key_file"), "{e}");
+        assert!(e.message.contains("chmod 600"), "{e}");
+        // Wrong key length for the algorithm.
+        let t = with_sa("x2", "").replace("aes128gcm16", "aes256gcm16");
+        let e = parse(&t).unwrap_err();
+        assert!(
+            e.message.contains("holds 20 bytes; aes256gcm16 needs 36"),
+            "{e}"
+        );
+        assert!(
+            !e.message.contains("0001020304"),
+            "keys never appear in messages"
+        );
+        // Not hex: the content is not echoed.
+        let bad = key_file("nothex", 0o600, "secretsecret");
+        let t = with_sa("x3", "").replace(
+            &key_file("x3", 0o600, KEY20).display().to_string(),
+            &bad.display().to_string(),
+        );
+        let e = parse(&t).unwrap_err();
+        assert!(
+            e.message.contains("hex digits") && !e.message.contains("secret"),
+            "{e}"
+        );
+        // Tunnel without addresses, replay window on an outbound SA, reserved SPI, duplicate SPI.
+        let e =
+            parse(&with_sa("x4", "").replace("tunnel_dst = \"2001:db8::2\"\n", "")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("sa[0].tunnel_dst"), "{e}");
+        let e = parse(&with_sa("x5", "").replace("spi = \"0x00001001\"", "spi = 17")).unwrap_err();
+        assert!(e.message.contains("reserved"), "{e}");
+        let dup = format!("{}\n[[sa]]\nname = \"b\"\ndirection = \"in\"\nspi = 4097\nmode = \"transport\"\naead = \"aes128gcm16\"\nkey_file = \"{}\"\n", with_sa("x6", ""), key_file("x6b", 0o600, KEY20).display());
+        let e = parse(&dup).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("sa[1].spi"), "{e}");
+        assert!(e.message.contains("already used by SA `to-hq`"), "{e}");
+        let out = with_sa("x7", "replay_window = 64\n")
+            .replace("direction = \"in\"\nspi", "direction = \"out\"\nspi");
+        let e = parse(&out).unwrap_err();
+        // The rule is inbound, the SA outbound: one of the two is reported first.
+        assert!(
+            e.message.contains("replay_window is for inbound SAs")
+                || e.message.contains("is an out SA"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -49,15 +49,39 @@ pub enum DropReason {
     ProtectNoSa,
     /// The TX queue was full.
     TxFull,
+    /// Inbound ESP whose SPI no inbound SA has.
+    NoSa,
+    /// Inbound ESP replayed or older than the replay window.
+    Replay,
+    /// Inbound ESP whose ICV did not verify.
+    Icv,
+    /// The SA is expired (hard lifetime, sequence numbers used up).
+    Expired,
+    /// Decrypted, but outside the SA's selectors (no protect rule of that SA matches).
+    PolicyMismatch,
+    /// Plaintext arriving where a protect rule requires ESP.
+    Unprotected,
+    /// No room to add ESP headers (or a frame chained over several buffers).
+    Oversize,
+    /// The SA's owner worker had no room in its inbox.
+    HandoffFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::PolicyDiscard,
         DropReason::DefaultDiscard,
         DropReason::ProtectNoSa,
         DropReason::TxFull,
+        DropReason::NoSa,
+        DropReason::Replay,
+        DropReason::Icv,
+        DropReason::Expired,
+        DropReason::PolicyMismatch,
+        DropReason::Unprotected,
+        DropReason::Oversize,
+        DropReason::HandoffFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +91,14 @@ impl DropReason {
             DropReason::DefaultDiscard => "default_discard",
             DropReason::ProtectNoSa => "protect_no_sa",
             DropReason::TxFull => "tx_full",
+            DropReason::NoSa => "no_sa",
+            DropReason::Replay => "replay",
+            DropReason::Icv => "icv",
+            DropReason::Expired => "expired",
+            DropReason::PolicyMismatch => "policy_mismatch",
+            DropReason::Unprotected => "unprotected",
+            DropReason::Oversize => "oversize",
+            DropReason::HandoffFull => "handoff_full",
         }
     }
 }
@@ -114,7 +146,7 @@ pub struct WorkerCounters {
     /// Transmitted, per port.
     pub tx: [Traffic; 2],
     /// Dropped, per [`DropReason`] (index: position in `DropReason::ALL`).
-    pub drops: [Counter; 5],
+    pub drops: [Counter; DropReason::ALL.len()],
     /// Forwarded unchanged because they are not IP (ARP, NDP is IP, LLDP, …).
     pub non_ip: Counter,
     /// IP packets a bypass rule (or the default) let through.
@@ -122,6 +154,13 @@ pub struct WorkerCounters {
     /// Frames forwarded without parsing because their direction has no rules
     /// and bypasses by default (the box is a plain wire that way).
     pub uninspected: Counter,
+    /// Packets encrypted / decrypted (and passed the inbound policy check).
+    pub esp_encrypted: Counter,
+    pub esp_decrypted: Counter,
+    /// Packets passed to the worker that owns their SA.
+    pub handed_off: Counter,
+    /// SA events lost because the event queue was full.
+    pub events_lost: Counter,
     /// Classifications answered by the worker's flow cache / by the tries.
     pub flow_cache_hits: Counter,
     pub flow_cache_misses: Counter,
@@ -150,6 +189,10 @@ impl WorkerCounters {
             non_ip: self.non_ip.get(),
             bypassed: self.bypassed.get(),
             uninspected: self.uninspected.get(),
+            esp_encrypted: self.esp_encrypted.get(),
+            esp_decrypted: self.esp_decrypted.get(),
+            handed_off: self.handed_off.get(),
+            events_lost: self.events_lost.get(),
             flow_cache_hits: self.flow_cache_hits.get(),
             flow_cache_misses: self.flow_cache_misses.get(),
             idle_polls: self.idle_polls.get(),
@@ -170,6 +213,10 @@ pub struct WorkerSnapshot {
     pub non_ip: u64,
     pub bypassed: u64,
     pub uninspected: u64,
+    pub esp_encrypted: u64,
+    pub esp_decrypted: u64,
+    pub handed_off: u64,
+    pub events_lost: u64,
     pub flow_cache_hits: u64,
     pub flow_cache_misses: u64,
     pub idle_polls: u64,

@@ -396,6 +396,8 @@ pub struct TxOutcome {
 pub struct Burst {
     mbufs: [*mut sys::rte_mbuf; MAX_BURST],
     len: usize,
+    /// How many of mbufs[..len] were taken out (null).
+    taken: usize,
     /// Scratch for `forward`: the frames to free (kept here so it is not
     /// re-initialised every burst).
     unsent: [*mut sys::rte_mbuf; MAX_BURST],
@@ -406,6 +408,7 @@ impl Default for Burst {
         Burst {
             mbufs: [ptr::null_mut(); MAX_BURST],
             len: 0,
+            taken: 0,
             unsent: [ptr::null_mut(); MAX_BURST],
         }
     }
@@ -421,6 +424,7 @@ impl Burst {
         let n =
             unsafe { sys::bitw_rte_eth_rx_burst(q.port, q.queue, self.mbufs.as_mut_ptr(), max) };
         self.len = n as usize;
+        self.taken = 0;
         self.len
     }
 
@@ -435,7 +439,7 @@ impl Burst {
     /// The first segment of frame `i` (all of it unless the PMD chained segments).
     #[inline]
     pub fn frame(&self, i: usize) -> &[u8] {
-        assert!(i < self.len);
+        assert!(i < self.len && !self.mbufs[i].is_null());
         // SAFETY: m is an owned, valid mbuf; the bytes from buf_addr + data_off for
         // data_len are its initialised packet data (what rte_pktmbuf_mtod points at).
         // Read directly rather than through the shim: this runs once per packet.
@@ -446,10 +450,49 @@ impl Burst {
         }
     }
 
+    /// Takes frame `i` out of the burst (to hand it to another worker); its
+    /// place stays empty and `forward` skips it.
+    pub fn take(&mut self, i: usize) -> Mbuf {
+        assert!(
+            i < self.len && !self.mbufs[i].is_null(),
+            "frame {i} is not in the burst"
+        );
+        let m = std::mem::replace(&mut self.mbufs[i], ptr::null_mut());
+        self.taken += 1;
+        Mbuf(m)
+    }
+
+    /// Appends a frame to the burst; gives it back when the burst is full.
+    pub fn push(&mut self, m: Mbuf) -> Result<(), Mbuf> {
+        if self.len == MAX_BURST {
+            return Err(m);
+        }
+        self.mbufs[self.len] = m.0;
+        self.len += 1;
+        std::mem::forget(m); // ownership moved into the burst
+        Ok(())
+    }
+
+    /// Frame `i` as a growable buffer for in-place ESP, or `None` when it is
+    /// chained over several segments (jumbo frames; not transformed in place).
+    #[inline]
+    pub fn packet_buf(&mut self, i: usize) -> Option<MbufBuf<'_>> {
+        assert!(i < self.len && !self.mbufs[i].is_null());
+        let m = self.mbufs[i];
+        // SAFETY: owned, valid mbuf.
+        if unsafe { (*m).nb_segs } != 1 {
+            return None;
+        }
+        Some(MbufBuf {
+            m,
+            _burst: PhantomData,
+        })
+    }
+
     /// Total length of frame `i` over all segments.
     #[inline]
     pub fn pkt_len(&self, i: usize) -> u32 {
-        assert!(i < self.len);
+        assert!(i < self.len && !self.mbufs[i].is_null());
         // SAFETY: owned, valid mbuf.
         unsafe { (*self.mbufs[i]).pkt_len }
     }
@@ -465,6 +508,9 @@ impl Burst {
         let mut bytes = 0u64;
         for (i, &k) in keep[..n].iter().enumerate() {
             let m = self.mbufs[i];
+            if m.is_null() {
+                continue; // taken out of the burst (handed to another worker)
+            }
             if k {
                 bytes += self.pkt_len(i) as u64;
                 self.mbufs[nt] = m;
@@ -475,6 +521,7 @@ impl Burst {
             }
         }
         self.len = 0;
+        self.taken = 0;
         let mut out = TxOutcome {
             dropped: nd as u32,
             ..Default::default()
@@ -511,6 +558,14 @@ impl Burst {
     /// Leaves the burst empty. Returns the outcome and the bytes received.
     #[inline]
     pub fn forward_all(&mut self, q: PortQueue) -> (TxOutcome, u64) {
+        if self.taken > 0 {
+            let keep = [true; MAX_BURST];
+            let bytes = (0..self.len)
+                .filter(|&i| !self.mbufs[i].is_null())
+                .map(|i| self.pkt_len(i) as u64)
+                .sum();
+            return (self.forward(&keep, q), bytes);
+        }
         let n = self.len;
         let rx_bytes: u64 = (0..n).map(|i| self.pkt_len(i) as u64).sum();
         self.len = 0;
@@ -544,7 +599,7 @@ impl Burst {
     /// Asks the CPU to fetch frame `i`'s first bytes (its headers) ahead of use.
     #[inline]
     pub fn prefetch_frame(&self, i: usize) {
-        if i < self.len {
+        if i < self.len && !self.mbufs[i].is_null() {
             // SAFETY: reads two fields of an owned mbuf; prefetch never faults.
             unsafe {
                 let m = &*self.mbufs[i];
@@ -558,13 +613,89 @@ impl Burst {
     }
 }
 
+/// An mbuf owned outside any burst, e.g. on its way to another worker. Freed
+/// when dropped.
+pub struct Mbuf(*mut sys::rte_mbuf);
+
+// SAFETY: an Mbuf is the only reference to its mbuf; mbufs may be freed or sent
+// from any lcore (the mempool is multi-producer/multi-consumer).
+unsafe impl Send for Mbuf {}
+
+impl Drop for Mbuf {
+    fn drop(&mut self) {
+        // SAFETY: owned, valid mbuf, freed once.
+        unsafe { sys::bitw_rte_pktmbuf_free(self.0) };
+    }
+}
+
+/// One single-segment mbuf of a burst, borrowed for in-place changes.
+pub struct MbufBuf<'a> {
+    m: *mut sys::rte_mbuf,
+    _burst: PhantomData<&'a mut Burst>,
+}
+
+impl crate::esp::PacketBuf for MbufBuf<'_> {
+    #[inline]
+    fn data(&self) -> &[u8] {
+        // SAFETY: a valid single-segment mbuf owned by the borrowed burst; data_len
+        // bytes from buf_addr + data_off are its data.
+        unsafe {
+            let m = &*self.m;
+            std::slice::from_raw_parts(
+                (m.buf_addr as *const u8).add(m.data_off as usize),
+                m.data_len as usize,
+            )
+        }
+    }
+
+    #[inline]
+    fn data_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `data`, and the burst is borrowed mutably, so this is the only view.
+        unsafe {
+            let m = &*self.m;
+            std::slice::from_raw_parts_mut(
+                (m.buf_addr as *mut u8).add(m.data_off as usize),
+                m.data_len as usize,
+            )
+        }
+    }
+
+    #[inline]
+    fn prepend(&mut self, n: usize) -> bool {
+        // SAFETY: valid mbuf; the shim checks the headroom and changes nothing without it.
+        n <= u16::MAX as usize
+            && unsafe { !sys::bitw_rte_pktmbuf_prepend(self.m, n as u16).is_null() }
+    }
+
+    #[inline]
+    fn append(&mut self, n: usize) -> bool {
+        // SAFETY: valid single-segment mbuf; the shim checks the tailroom.
+        n <= u16::MAX as usize
+            && unsafe { !sys::bitw_rte_pktmbuf_append(self.m, n as u16).is_null() }
+    }
+
+    #[inline]
+    fn adj(&mut self, n: usize) -> bool {
+        // SAFETY: valid mbuf; the shim checks the length.
+        n <= u16::MAX as usize && unsafe { !sys::bitw_rte_pktmbuf_adj(self.m, n as u16).is_null() }
+    }
+
+    #[inline]
+    fn trim(&mut self, n: usize) -> bool {
+        // SAFETY: valid mbuf; the shim checks the length.
+        n <= u16::MAX as usize && unsafe { sys::bitw_rte_pktmbuf_trim(self.m, n as u16) == 0 }
+    }
+}
+
 impl Drop for Burst {
     fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: the first `len` pointers are owned mbufs, freed once here.
-            unsafe { sys::bitw_rte_pktmbuf_free_bulk(self.mbufs.as_mut_ptr(), self.len as u32) };
-            self.len = 0;
+        for &m in &self.mbufs[..self.len] {
+            if !m.is_null() {
+                // SAFETY: owned mbuf, freed once here.
+                unsafe { sys::bitw_rte_pktmbuf_free(m) };
+            }
         }
+        self.len = 0;
     }
 }
 

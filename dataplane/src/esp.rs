@@ -26,7 +26,7 @@
 
 use std::net::IpAddr;
 
-use crate::sa::{Encap, Mode, ReplayError, Sa, ICV_LEN, IV_LEN};
+use crate::sa::{Encap, Mode, ReplayError, Sa, SaEvent, ICV_LEN, IV_LEN};
 
 pub const PROTO_ESP: u8 = 50;
 pub const PROTO_UDP: u8 = 17;
@@ -298,7 +298,27 @@ const CE: u8 = 3;
 
 /// Protects the IP packet of `buf` (L3 header at `l2_len`) with `sa`, in place.
 /// The sequence number is taken from the SA (its owner worker calls this).
-pub fn encapsulate<B: PacketBuf>(sa: &Sa, buf: &mut B, l2_len: usize) -> Result<(), EncapError> {
+/// Lifetime events (soft, hard, sequence exhausted) go to `on_event`.
+pub fn encapsulate<B: PacketBuf>(
+    sa: &Sa,
+    buf: &mut B,
+    l2_len: usize,
+    on_event: &mut dyn FnMut(SaEvent),
+) -> Result<(), EncapError> {
+    let protected_bytes = encapsulate_inner(sa, buf, l2_len, on_event)?;
+    if let Some(ev) = sa.account(protected_bytes) {
+        on_event(ev);
+    }
+    Ok(())
+}
+
+/// Returns the bytes protected (for the lifetime counters).
+fn encapsulate_inner<B: PacketBuf>(
+    sa: &Sa,
+    buf: &mut B,
+    l2_len: usize,
+    on_event: &mut dyn FnMut(SaEvent),
+) -> Result<u64, EncapError> {
     if sa.is_expired() {
         return Err(EncapError::Expired);
     }
@@ -331,7 +351,9 @@ pub fn encapsulate<B: PacketBuf>(sa: &Sa, buf: &mut B, l2_len: usize) -> Result<
         return Err(EncapError::Malformed);
     }
     let Some(seq) = sa.next_seq() else {
-        sa.exhaust();
+        if let Some(ev) = sa.exhaust() {
+            on_event(ev);
+        }
         return Err(EncapError::Expired);
     };
     let udp_len = if matches!(sa.params.encap, Encap::Udp { .. }) {
@@ -415,7 +437,7 @@ fn encap_transport<B: PacketBuf>(
     total: usize,
     udp_len: usize,
     seq: u64,
-) -> Result<(), EncapError> {
+) -> Result<u64, EncapError> {
     // Where ESP goes: after the IPv4 header, or after IPv6's fixed header and any
     // hop-by-hop, routing and fragment headers.
     let (hdr_len, nh_at, next_header) = {
@@ -477,8 +499,7 @@ fn encap_transport<B: PacketBuf>(
     if udp_len > 0 && ipv6 {
         fix_udp6_checksum(d, ip, ip + hdr_len);
     }
-    sa.account((payload_len) as u64);
-    Ok(())
+    Ok(payload_len as u64)
 }
 
 fn fix_udp6_checksum(d: &mut [u8], ip: usize, udp: usize) {
@@ -499,7 +520,7 @@ fn encap_tunnel<B: PacketBuf>(
     (src, dst): (IpAddr, IpAddr),
     inner_tos: u8,
     inner_df: bool,
-) -> Result<(), EncapError> {
+) -> Result<u64, EncapError> {
     let outer_v6 = dst.is_ipv6();
     let outer_len = if outer_v6 { 40 } else { 20 };
     let added_front = outer_len + udp_len + ESP_HEADER + IV_LEN;
@@ -556,8 +577,7 @@ fn encap_tunnel<B: PacketBuf>(
     if udp_len > 0 && outer_v6 {
         fix_udp6_checksum(d, ip, ip + outer_len);
     }
-    sa.account(total as u64);
-    Ok(())
+    Ok(total as u64)
 }
 
 /// What decapsulation produced.
@@ -567,6 +587,8 @@ pub struct Decapsulated {
     pub seq: u64,
     /// The next header of the ESP trailer (4/41 in tunnel mode).
     pub next_header: u8,
+    /// A lifetime limit this packet crossed.
+    pub event: Option<SaEvent>,
 }
 
 /// Checks, decrypts and strips the ESP packet at `loc` in place with `sa`
@@ -641,7 +663,7 @@ pub fn decapsulate<B: PacketBuf>(
     if tunnel && next_header != PROTO_IPIP && next_header != PROTO_IPV6 {
         return Err(DecapError::BadTrailer);
     }
-    sa.account(inner_len as u64);
+    let event = sa.account(inner_len as u64);
     let trailer = pad + 2 + ICV_LEN;
     if tunnel {
         let outer_tos = if loc.ipv6 {
@@ -686,7 +708,11 @@ pub fn decapsulate<B: PacketBuf>(
         buf.trim(trailer);
         buf.adj(gap);
     }
-    Ok(Decapsulated { seq, next_header })
+    Ok(Decapsulated {
+        seq,
+        next_header,
+        event,
+    })
 }
 
 /// RFC 6040 §4.2 (normal mode): combines the outer ECN into the inner header.
@@ -780,7 +806,7 @@ mod tests {
         let out = sa(Direction::Out, mode, encap, alg, esn);
         let inb = sa(Direction::In, mode, encap, alg, esn);
         let mut b = VecBuf::new(frame, 128, 64);
-        encapsulate(&out, &mut b, 14).unwrap();
+        encapsulate(&out, &mut b, 14, &mut |_| {}).unwrap();
         let wire = b.data().to_vec();
         assert_ne!(wire, frame);
         let loc = locate_esp(&wire, 14, &[NAT_T_PORT]).expect("ESP found");
@@ -843,7 +869,7 @@ mod tests {
             false,
         );
         let mut b = VecBuf::new(&frame, 64, 64);
-        encapsulate(&out, &mut b, 14).unwrap();
+        encapsulate(&out, &mut b, 14, &mut |_| {}).unwrap();
         let d = b.data();
         // Source and destination unchanged, protocol ESP, lengths and checksum right.
         assert_eq!(&d[14 + 12..14 + 20], &frame[14 + 12..14 + 20]);
@@ -875,7 +901,7 @@ mod tests {
             false,
         );
         let mut b = VecBuf::new(&frame, 64, 64);
-        encapsulate(&out, &mut b, 14).unwrap();
+        encapsulate(&out, &mut b, 14, &mut |_| {}).unwrap();
         let wire = b.data().to_vec();
         let loc = locate_esp(&wire, 14, &[]).unwrap();
         // Corrupt ICV: dropped, and the window did not move.
@@ -911,7 +937,7 @@ mod tests {
             let out = sa(Direction::Out, t4, Encap::None, AeadAlg::Aes128Gcm16, false);
             let inb = sa(Direction::In, t4, Encap::None, AeadAlg::Aes128Gcm16, false);
             let mut b = VecBuf::new(&frame, 128, 64);
-            encapsulate(&out, &mut b, 14).unwrap();
+            encapsulate(&out, &mut b, 14, &mut |_| {}).unwrap();
             assert_eq!(
                 b.data()[15],
                 0x20 | inner_ecn,

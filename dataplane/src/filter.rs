@@ -328,18 +328,23 @@ pub enum Verdict {
     },
     /// No rule matched and the default action is discard.
     DefaultDiscard,
-    /// A protect rule matched; `rule` indexes the direction's rules.
+    /// A protect rule matched; `rule` indexes the direction's rules, `sa` is the
+    /// slot of its SA in the SA database.
     Protect {
         rule: u32,
+        sa: u32,
     },
 }
 
 impl Verdict {
-    fn of(rule: u32, action: &Action) -> Verdict {
+    fn of(rule: u32, action: &Action, sa_slot: &dyn Fn(&str) -> u32) -> Verdict {
         match action {
             Action::Bypass => Verdict::Bypass,
             Action::Discard => Verdict::Discard { rule },
-            Action::Protect { .. } => Verdict::Protect { rule },
+            Action::Protect { sa } => Verdict::Protect {
+                rule,
+                sa: sa_slot(sa),
+            },
         }
     }
 }
@@ -497,7 +502,11 @@ impl<K: AclKey> AclSet<K> {
 }
 
 impl DirectionTable {
-    fn build(rules: Vec<Rule>, default_action: DefaultAction) -> Result<Self, DpdkError> {
+    fn build(
+        rules: Vec<Rule>,
+        default_action: DefaultAction,
+        sa_slot: &dyn Fn(&str) -> u32,
+    ) -> Result<Self, DpdkError> {
         let default = match default_action {
             DefaultAction::Bypass => Verdict::Bypass,
             DefaultAction::Discard => Verdict::DefaultDiscard,
@@ -507,7 +516,7 @@ impl DirectionTable {
                 rules
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| Verdict::of(i as u32, &r.action)),
+                    .map(|(i, r)| Verdict::of(i as u32, &r.action, sa_slot)),
             )
             .collect();
         let n = rules.len() as i32;
@@ -660,8 +669,19 @@ pub struct FilterTable {
 pub const CLASSIFY_MAX: usize = crate::config::MAX_BURST;
 
 impl FilterTable {
-    /// Compiles `rules` (config order, both directions mixed) into lookup tries.
+    /// Compiles `rules` (config order, both directions mixed) into lookup tries,
+    /// without SAs: protect verdicts carry slot 0 (tests, tools).
     pub fn build(rules: &[Rule], default_action: DefaultAction) -> Result<Self, DpdkError> {
+        Self::build_with_sas(rules, default_action, &|_, _| 0)
+    }
+
+    /// Compiles `rules`; `sa_slot(name, direction)` gives the SA database slot
+    /// each protect rule's verdict carries.
+    pub fn build_with_sas(
+        rules: &[Rule],
+        default_action: DefaultAction,
+        sa_slot: &dyn Fn(&str, Direction) -> u32,
+    ) -> Result<Self, DpdkError> {
         let of = |d: Direction| {
             rules
                 .iter()
@@ -671,8 +691,12 @@ impl FilterTable {
         };
         static GENERATION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
         Ok(FilterTable {
-            out: DirectionTable::build(of(Direction::Out), default_action)?,
-            inb: DirectionTable::build(of(Direction::In), default_action)?,
+            out: DirectionTable::build(of(Direction::Out), default_action, &|n| {
+                sa_slot(n, Direction::Out)
+            })?,
+            inb: DirectionTable::build(of(Direction::In), default_action, &|n| {
+                sa_slot(n, Direction::In)
+            })?,
             generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
@@ -832,7 +856,7 @@ impl FilterTable {
     pub fn classify_linear(&self, dir: Direction, k: &FlowKey) -> Verdict {
         let rules = self.rules(dir);
         match rules.iter().position(|r| r.matches(k)) {
-            Some(i) => Verdict::of(i as u32, &rules[i].action),
+            Some(i) => self.verdict(dir, i as u32 + 1),
             None => self.verdict(dir, 0),
         }
     }
@@ -945,12 +969,12 @@ mod tests {
             (
                 Direction::Out,
                 key("10.0.0.5", "1.2.3.4", 6, 1, 443),
-                Verdict::Protect { rule: 0 },
+                Verdict::Protect { rule: 0, sa: 0 },
             ),
             (
                 Direction::Out,
                 key("10.0.0.255", "1.2.3.4", 6, 1, 443),
-                Verdict::Protect { rule: 0 },
+                Verdict::Protect { rule: 0, sa: 0 },
             ),
             (
                 Direction::Out,
@@ -1037,7 +1061,7 @@ mod tests {
         k.fragment = true;
         assert_eq!(
             t.classify_one(Direction::Out, &k),
-            Verdict::Protect { rule: 0 }
+            Verdict::Protect { rule: 0, sa: 0 }
         );
         k.proto = 17;
         assert_eq!(t.classify_one(Direction::Out, &k), Verdict::Bypass);

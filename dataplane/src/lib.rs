@@ -9,6 +9,7 @@
 //! - [`worker`]: the poll loop over bursts.
 //! - [`counters`]: single-writer per-worker counters.
 //! - [`sa`]: security associations: parameters, keys (ring AEAD), replay window, lifetimes.
+//! - [`sadb`]: the SA database (lock-free snapshots for the workers).
 //! - [`esp`]: ESP encapsulation and decapsulation in place (RFC 4303, 3948, 4106, 7634).
 //! - [`app`]: wiring it together for the `bitw-dataplane` binary.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -20,5 +21,6 @@ pub mod dpdk;
 pub mod esp;
 pub mod filter;
 pub mod sa;
+pub mod sadb;
 pub mod wire;
 pub mod worker;

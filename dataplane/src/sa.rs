@@ -68,6 +68,9 @@ impl AeadAlg {
     }
 }
 
+/// The UDP port of ESP-in-UDP unless an SA says otherwise (RFC 3948).
+pub const NAT_T_PORT_DEFAULT: u16 = 4500;
+
 /// Tunnel or transport mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -104,8 +104,15 @@ pub fn l3_offset(frame: &[u8]) -> Result<(usize, u16), Malformed> {
 pub enum FrameKind {
     NonIp,
     Malformed(Malformed),
-    V4 { fragment: bool },
-    V6 { fragment: bool },
+    /// `l3`: offset of the IP header (after Ethernet and VLAN tags).
+    V4 {
+        fragment: bool,
+        l3: u16,
+    },
+    V6 {
+        fragment: bool,
+        l3: u16,
+    },
 }
 
 /// Parses one Ethernet frame held in one buffer (tests and slow paths).
@@ -114,8 +121,8 @@ pub fn parse_frame(frame: &[u8]) -> Parsed {
     match parse_into(frame, frame.len(), &mut v4, &mut v6) {
         FrameKind::NonIp => Parsed::NonIp,
         FrameKind::Malformed(m) => Parsed::Malformed(m),
-        FrameKind::V4 { fragment } => Parsed::V4 { key: v4, fragment },
-        FrameKind::V6 { fragment } => Parsed::V6 { key: v6, fragment },
+        FrameKind::V4 { fragment, .. } => Parsed::V4 { key: v4, fragment },
+        FrameKind::V6 { fragment, .. } => Parsed::V6 { key: v6, fragment },
     }
 }
 
@@ -134,11 +141,17 @@ pub fn parse_into(first: &[u8], total_len: usize, v4: &mut KeyV4, v6: &mut KeyV6
     let ip_len = total_len.max(first.len()) - off;
     match ethertype {
         ETHERTYPE_IPV4 => match parse_ipv4(ip, ip_len, v4) {
-            Ok(fragment) => FrameKind::V4 { fragment },
+            Ok(fragment) => FrameKind::V4 {
+                fragment,
+                l3: off as u16,
+            },
             Err(m) => FrameKind::Malformed(m),
         },
         ETHERTYPE_IPV6 => match parse_ipv6(ip, ip_len, v6) {
-            Ok(fragment) => FrameKind::V6 { fragment },
+            Ok(fragment) => FrameKind::V6 {
+                fragment,
+                l3: off as u16,
+            },
             Err(m) => FrameKind::Malformed(m),
         },
         _ => FrameKind::NonIp,

@@ -1,17 +1,70 @@
-//! The poll-mode worker: bursts from both ports, parse, classify, forward.
+//! The poll-mode worker: bursts from both ports, parse, classify, ESP, forward.
 //!
 //! Each stage handles a whole burst (VPP's vector discipline). On this path:
 //! no allocation, no lock, no syscall; every input ends as forwarded or as a
 //! counted drop.
+//!
+//! SA ownership: every SA has one owner worker, the only one that advances its
+//! sequence number, replay window and lifetime counters. A packet that needs
+//! an SA owned by another worker is handed to that worker through its inbox (a
+//! bounded lock-free queue) and leaves through the owner's TX queue; so with
+//! several workers on one SA, outbound sequence numbers stay unique and
+//! increasing and replay detection stays exact.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crossbeam_queue::ArrayQueue;
+
 use crate::config::MAX_BURST;
 use crate::counters::{DropReason, PortSide, WorkerCounters};
-use crate::dpdk::{Burst, KeyV4, KeyV6, PortQueue};
+use crate::dpdk::{Burst, KeyV4, KeyV6, Mbuf, PortQueue};
+use crate::esp::{self, DecapError, EncapError, EspLocation, PacketBuf, PROTO_ESP, PROTO_UDP};
 use crate::filter::{Direction, FilterTable, FlowCache, Verdict};
+use crate::sa::{ReplayError, SaEvent};
+use crate::sadb::{SaTable, Sadb};
 use crate::wire::{parse_into, FrameKind};
+
+/// Work handed to an SA's owner.
+pub struct HandoffItem {
+    pub mbuf: Mbuf,
+    pub dir: Direction,
+    pub l3: u16,
+    pub job: Job,
+}
+
+/// What the owner must do with a handed-off packet.
+#[derive(Clone, Copy)]
+pub enum Job {
+    /// Encapsulate with the outbound SA in this slot.
+    Protect { slot: u32 },
+    /// Decapsulate with the inbound SA in this slot.
+    Unprotect { slot: u32, loc: EspLocation },
+}
+
+/// The workers' inboxes.
+pub struct Handoff {
+    inboxes: Vec<ArrayQueue<HandoffItem>>,
+}
+
+impl Handoff {
+    pub fn new(workers: usize, depth: usize) -> Handoff {
+        Handoff {
+            inboxes: (0..workers)
+                .map(|_| ArrayQueue::new(depth.max(1)))
+                .collect(),
+        }
+    }
+}
+
+/// An SA event on its way to the control side (the summary and the log for now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaEventRecord {
+    pub direction: Direction,
+    pub slot: u32,
+    pub spi: u32,
+    pub event: SaEvent,
+}
 
 /// Everything one worker needs; moved onto its lcore.
 pub struct Worker {
@@ -22,6 +75,11 @@ pub struct Worker {
     /// Flow-cache entries per direction and address family (0: no cache).
     pub flow_cache: usize,
     pub filter: Arc<FilterTable>,
+    pub sadb: Arc<Sadb>,
+    pub handoff: Arc<Handoff>,
+    pub events: Arc<ArrayQueue<SaEventRecord>>,
+    /// What to do with ESP whose SPI no inbound SA has: drop it, or classify it.
+    pub drop_unknown_spi: bool,
     pub counters: Arc<WorkerCounters>,
     pub stop: Arc<AtomicBool>,
 }
@@ -36,10 +94,19 @@ struct Scratch {
     v6: [KeyV6; MAX_BURST],
     v6_at: [u16; MAX_BURST],
     verdicts: [Verdict; MAX_BURST],
+    /// Offset of each frame's IP header.
+    l3: [u16; MAX_BURST],
+    /// Inbound: the frame was ESP, decrypted with the SA in this slot (u32::MAX: not ESP).
+    from_sa: [u32; MAX_BURST],
     /// Flow caches per direction (index: `Direction as usize`); `None` when disabled.
     cache_v4: Option<[FlowCache<KeyV4>; 2]>,
     cache_v6: Option<[FlowCache<KeyV6>; 2]>,
+    /// Handed-off packets being processed, per direction, and their verdicts.
+    inbox: [Burst; 2],
+    inbox_keep: [[bool; MAX_BURST]; 2],
 }
+
+const NOT_ESP: u32 = u32::MAX;
 
 /// Sets the stop flag if the worker unwinds, so the others stop too.
 struct StopOnPanic(Arc<AtomicBool>);
@@ -52,10 +119,48 @@ impl Drop for StopOnPanic {
     }
 }
 
+/// One burst's counts, before they go to the shared counters.
+#[derive(Default)]
+struct Tally {
+    rx_bytes: u64,
+    non_ip: u64,
+    bypassed: u64,
+    encrypted: u64,
+    decrypted: u64,
+    handed_off: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl Tally {
+    #[inline]
+    fn drop(&mut self, r: DropReason) -> bool {
+        self.drops[r as usize] += 1;
+        false
+    }
+}
+
+fn encap_drop(e: EncapError) -> DropReason {
+    match e {
+        EncapError::NoRoom | EncapError::TooBig => DropReason::Oversize,
+        EncapError::Malformed => DropReason::Malformed,
+        EncapError::Expired => DropReason::Expired,
+    }
+}
+
+fn decap_drop(e: DecapError) -> DropReason {
+    match e {
+        DecapError::Malformed | DecapError::BadTrailer => DropReason::Malformed,
+        DecapError::Expired => DropReason::Expired,
+        DecapError::Replay(ReplayError::Duplicate | ReplayError::TooOld) => DropReason::Replay,
+        DecapError::Icv => DropReason::Icv,
+    }
+}
+
 impl Worker {
     pub fn run(self) {
         let _guard = StopOnPanic(self.stop.clone());
         let mut burst = Burst::default();
+        let n = self.flow_cache;
         let mut s = Box::new(Scratch {
             keep: [false; MAX_BURST],
             v4: [KeyV4::default(); MAX_BURST],
@@ -63,22 +168,17 @@ impl Worker {
             v6: [KeyV6::default(); MAX_BURST],
             v6_at: [0; MAX_BURST],
             verdicts: [Verdict::Bypass; MAX_BURST],
-            cache_v4: (self.flow_cache > 0).then(|| {
-                [
-                    FlowCache::new(self.flow_cache),
-                    FlowCache::new(self.flow_cache),
-                ]
-            }),
-            cache_v6: (self.flow_cache > 0).then(|| {
-                [
-                    FlowCache::new(self.flow_cache),
-                    FlowCache::new(self.flow_cache),
-                ]
-            }),
+            l3: [0; MAX_BURST],
+            from_sa: [NOT_ESP; MAX_BURST],
+            cache_v4: (n > 0).then(|| [FlowCache::new(n), FlowCache::new(n)]),
+            cache_v6: (n > 0).then(|| [FlowCache::new(n), FlowCache::new(n)]),
+            inbox: [Burst::default(), Burst::default()],
+            inbox_keep: [[false; MAX_BURST]; 2],
         });
         while !self.stop.load(Ordering::Relaxed) {
             let n = self.step(Direction::Out, &mut burst, &mut s)
-                + self.step(Direction::In, &mut burst, &mut s);
+                + self.step(Direction::In, &mut burst, &mut s)
+                + self.drain_inbox(&mut s);
             if n == 0 {
                 self.counters.idle_polls.add(1);
             } else {
@@ -87,10 +187,8 @@ impl Worker {
         }
     }
 
-    /// One burst in one direction; returns how many frames it received.
-    #[inline]
-    fn step(&self, dir: Direction, burst: &mut Burst, s: &mut Scratch) -> usize {
-        let (rx, tx, rx_side, tx_side) = match dir {
+    fn queues(&self, dir: Direction) -> (PortQueue, PortQueue, PortSide, PortSide) {
+        match dir {
             Direction::Out => (
                 self.inside,
                 self.outside,
@@ -103,7 +201,29 @@ impl Worker {
                 PortSide::Outside,
                 PortSide::Inside,
             ),
-        };
+        }
+    }
+
+    fn report(&self, dir: Direction, slot: u32, spi: u32, event: SaEvent) {
+        // A full queue loses the record, not the packet; the summary counts it.
+        if self
+            .events
+            .push(SaEventRecord {
+                direction: dir,
+                slot,
+                spi,
+                event,
+            })
+            .is_err()
+        {
+            self.counters.events_lost.add(1);
+        }
+    }
+
+    /// One burst in one direction; returns how many frames it received.
+    #[inline]
+    fn step(&self, dir: Direction, burst: &mut Burst, s: &mut Scratch) -> usize {
+        let (rx, tx, rx_side, tx_side) = self.queues(dir);
         let n = burst.rx(rx, self.burst);
         if n == 0 {
             return 0;
@@ -118,7 +238,7 @@ impl Worker {
             c.count_drop(DropReason::TxFull, out.refused as u64);
             return n;
         }
-        // Counts are kept locally and added to the shared counters once per burst.
+        let table = self.sadb.load();
         let mut t = Tally::default();
         let (mut n4, mut n6) = (0usize, 0usize);
         // Headers of the whole burst are fetched while the first are parsed.
@@ -129,35 +249,83 @@ impl Worker {
             let len = burst.pkt_len(i);
             t.rx_bytes += len as u64;
             s.keep[i] = false;
+            s.from_sa[i] = NOT_ESP;
             // Parse straight into the next free batch slot of each family.
-            match parse_into(burst.frame(i), len as usize, &mut s.v4[n4], &mut s.v6[n6]) {
+            let kind = parse_into(burst.frame(i), len as usize, &mut s.v4[n4], &mut s.v6[n6]);
+            let (l3, fragment, v4) = match kind {
                 FrameKind::NonIp => {
                     s.keep[i] = true;
                     t.non_ip += 1;
+                    continue;
                 }
-                FrameKind::Malformed(_) => t.malformed += 1,
-                FrameKind::V4 { fragment: false } => {
-                    s.v4_at[n4] = i as u16;
-                    n4 += 1;
+                FrameKind::Malformed(_) => {
+                    t.drop(DropReason::Malformed);
+                    continue;
                 }
-                FrameKind::V6 { fragment: false } => {
-                    s.v6_at[n6] = i as u16;
-                    n6 += 1;
+                FrameKind::V4 { fragment, l3 } => (l3, fragment, true),
+                FrameKind::V6 { fragment, l3 } => (l3, fragment, false),
+            };
+            s.l3[i] = l3;
+            if dir == Direction::In && !fragment {
+                let (proto, dport) = if v4 {
+                    (s.v4[n4].proto, u16::from_be_bytes(s.v4[n4].dport))
+                } else {
+                    (s.v6[n6].proto, u16::from_be_bytes(s.v6[n6].dport))
+                };
+                if proto == PROTO_ESP || (proto == PROTO_UDP && table.udp_ports.contains(&dport)) {
+                    match self.inbound_esp(&table, burst, i, l3, &mut t) {
+                        // Not ESP after all (IKE or a keepalive on the NAT-T port): classify it.
+                        EspOutcome::NotEsp => {}
+                        EspOutcome::Done => continue,
+                        // Decrypted in place: classify the inner packet (the policy check).
+                        EspOutcome::Decrypted { slot } => {
+                            s.from_sa[i] = slot;
+                            let len = burst.pkt_len(i) as usize;
+                            match parse_into(burst.frame(i), len, &mut s.v4[n4], &mut s.v6[n6]) {
+                                FrameKind::V4 {
+                                    fragment: false,
+                                    l3,
+                                } => {
+                                    s.l3[i] = l3;
+                                    s.v4_at[n4] = i as u16;
+                                    n4 += 1;
+                                }
+                                FrameKind::V6 {
+                                    fragment: false,
+                                    l3,
+                                } => {
+                                    s.l3[i] = l3;
+                                    s.v6_at[n6] = i as u16;
+                                    n6 += 1;
+                                }
+                                // Inner fragments or garbage cannot be checked against the SA's selectors.
+                                _ => {
+                                    t.drop(DropReason::PolicyMismatch);
+                                }
+                            }
+                            continue;
+                        }
+                    }
                 }
+            }
+            if fragment {
                 // Non-initial fragments are rare: classify them one by one in the
                 // fragment tries (their slot is reused by the next packet).
-                FrameKind::V4 { fragment: true } => {
-                    let mut v = [Verdict::Bypass];
+                let mut v = [Verdict::Bypass];
+                if v4 {
                     self.filter
                         .classify_v4(dir, true, std::slice::from_ref(&s.v4[n4]), &mut v);
-                    s.keep[i] = t.apply(v[0]);
-                }
-                FrameKind::V6 { fragment: true } => {
-                    let mut v = [Verdict::Bypass];
+                } else {
                     self.filter
                         .classify_v6(dir, true, std::slice::from_ref(&s.v6[n6]), &mut v);
-                    s.keep[i] = t.apply(v[0]);
                 }
+                s.keep[i] = self.apply(dir, v[0], &table, burst, i, l3, NOT_ESP, &mut t);
+            } else if v4 {
+                s.v4_at[n4] = i as u16;
+                n4 += 1;
+            } else {
+                s.v6_at[n6] = i as u16;
+                n6 += 1;
             }
         }
         if n4 > 0 {
@@ -173,7 +341,17 @@ impl Worker {
                     .classify_v4(dir, false, &s.v4[..n4], &mut s.verdicts[..n4]),
             }
             for j in 0..n4 {
-                s.keep[s.v4_at[j] as usize] = t.apply(s.verdicts[j]);
+                let i = s.v4_at[j] as usize;
+                s.keep[i] = self.apply(
+                    dir,
+                    s.verdicts[j],
+                    &table,
+                    burst,
+                    i,
+                    s.l3[i],
+                    s.from_sa[i],
+                    &mut t,
+                );
             }
         }
         if n6 > 0 {
@@ -189,20 +367,23 @@ impl Worker {
                     .classify_v6(dir, false, &s.v6[..n6], &mut s.verdicts[..n6]),
             }
             for j in 0..n6 {
-                s.keep[s.v6_at[j] as usize] = t.apply(s.verdicts[j]);
+                let i = s.v6_at[j] as usize;
+                s.keep[i] = self.apply(
+                    dir,
+                    s.verdicts[j],
+                    &table,
+                    burst,
+                    i,
+                    s.l3[i],
+                    s.from_sa[i],
+                    &mut t,
+                );
             }
         }
 
         let out = burst.forward(&s.keep[..n], tx);
         c.rx[rx_side as usize].add(n as u64, t.rx_bytes);
-        c.tx[tx_side as usize].add(out.sent as u64, out.sent_bytes);
-        c.non_ip.add(t.non_ip);
-        c.bypassed.add(t.bypassed);
-        c.count_drop(DropReason::Malformed, t.malformed);
-        c.count_drop(DropReason::PolicyDiscard, t.policy_discard);
-        c.count_drop(DropReason::DefaultDiscard, t.default_discard);
-        c.count_drop(DropReason::ProtectNoSa, t.protect_no_sa);
-        c.count_drop(DropReason::TxFull, out.refused as u64);
+        self.publish(&t, tx_side, out);
         if let (Some(c4), Some(c6)) = (&s.cache_v4, &s.cache_v6) {
             let hits =
                 c4.iter().map(|x| x.hits).sum::<u64>() + c6.iter().map(|x| x.hits).sum::<u64>();
@@ -213,42 +394,263 @@ impl Worker {
         }
         n
     }
-}
 
-/// One burst's counts, before they go to the shared counters.
-#[derive(Default)]
-struct Tally {
-    rx_bytes: u64,
-    non_ip: u64,
-    bypassed: u64,
-    malformed: u64,
-    policy_discard: u64,
-    default_discard: u64,
-    protect_no_sa: u64,
-}
+    fn publish(&self, t: &Tally, tx_side: PortSide, out: crate::dpdk::TxOutcome) {
+        let c = &self.counters;
+        c.tx[tx_side as usize].add(out.sent as u64, out.sent_bytes);
+        c.non_ip.add(t.non_ip);
+        c.bypassed.add(t.bypassed);
+        c.esp_encrypted.add(t.encrypted);
+        c.esp_decrypted.add(t.decrypted);
+        c.handed_off.add(t.handed_off);
+        for r in DropReason::ALL {
+            c.count_drop(r, t.drops[r as usize]);
+        }
+        c.count_drop(DropReason::TxFull, out.refused as u64);
+    }
 
-impl Tally {
-    /// Counts a verdict and says whether the packet goes out.
+    /// Acts on a verdict; says whether the frame goes out (now).
+    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn apply(&mut self, v: Verdict) -> bool {
-        match v {
-            Verdict::Bypass => {
-                self.bypassed += 1;
+    fn apply(
+        &self,
+        dir: Direction,
+        v: Verdict,
+        table: &SaTable,
+        burst: &mut Burst,
+        i: usize,
+        l3: u16,
+        from_sa: u32,
+        t: &mut Tally,
+    ) -> bool {
+        if from_sa != NOT_ESP {
+            // Decrypted: it must fall inside its SA's selectors, i.e. hit a protect
+            // rule of this SA (RFC 4301 §5.2, step 4).
+            return match v {
+                Verdict::Protect { sa, .. } if sa == from_sa => {
+                    t.decrypted += 1;
+                    true
+                }
+                _ => t.drop(DropReason::PolicyMismatch),
+            };
+        }
+        match (v, dir) {
+            (Verdict::Bypass, _) => {
+                t.bypassed += 1;
                 true
             }
-            Verdict::Discard { .. } => {
-                self.policy_discard += 1;
-                false
-            }
-            Verdict::DefaultDiscard => {
-                self.default_discard += 1;
-                false
-            }
-            // No ESP yet: fail closed, never send protected traffic in plaintext.
-            Verdict::Protect { .. } => {
-                self.protect_no_sa += 1;
-                false
+            (Verdict::Discard { .. }, _) => t.drop(DropReason::PolicyDiscard),
+            (Verdict::DefaultDiscard, _) => t.drop(DropReason::DefaultDiscard),
+            // Plaintext where the policy requires ESP (RFC 4301 §5.2).
+            (Verdict::Protect { .. }, Direction::In) => t.drop(DropReason::Unprotected),
+            (Verdict::Protect { sa: slot, .. }, Direction::Out) => {
+                let Some(sa) = table.outbound(slot) else {
+                    // No SA (yet): fail closed.
+                    return t.drop(DropReason::ProtectNoSa);
+                };
+                if sa.owner != self.id {
+                    let item = HandoffItem {
+                        mbuf: burst.take(i),
+                        dir,
+                        l3,
+                        job: Job::Protect { slot },
+                    };
+                    return self.hand_off(sa.owner, item, t);
+                }
+                let Some(mut buf) = burst.packet_buf(i) else {
+                    return t.drop(DropReason::Oversize);
+                };
+                let spi = sa.params.spi;
+                match esp::encapsulate(sa, &mut buf, l3 as usize, &mut |e| {
+                    self.report(dir, slot, spi, e)
+                }) {
+                    Ok(()) => {
+                        t.encrypted += 1;
+                        true
+                    }
+                    Err(e) => t.drop(encap_drop(e)),
+                }
             }
         }
     }
+
+    fn hand_off(&self, owner: usize, item: HandoffItem, t: &mut Tally) -> bool {
+        match self.handoff.inboxes[owner].push(item) {
+            Ok(()) => t.handed_off += 1,
+            // The owner is behind: drop (the mbuf is freed with the item).
+            Err(_) => {
+                t.drop(DropReason::HandoffFull);
+            }
+        }
+        false
+    }
+
+    /// Handles an inbound ESP candidate at frame `i`.
+    fn inbound_esp(
+        &self,
+        table: &SaTable,
+        burst: &mut Burst,
+        i: usize,
+        l3: u16,
+        t: &mut Tally,
+    ) -> EspOutcome {
+        let Some(loc) = esp::locate_esp(burst.frame(i), l3 as usize, &table.udp_ports) else {
+            return EspOutcome::NotEsp;
+        };
+        let Some((slot, sa)) = table.inbound_by_spi(loc.spi) else {
+            if self.drop_unknown_spi {
+                t.drop(DropReason::NoSa);
+                return EspOutcome::Done;
+            }
+            return EspOutcome::NotEsp;
+        };
+        if sa.owner != self.id {
+            let item = HandoffItem {
+                mbuf: burst.take(i),
+                dir: Direction::In,
+                l3,
+                job: Job::Unprotect { slot, loc },
+            };
+            self.hand_off(sa.owner, item, t);
+            return EspOutcome::Done;
+        }
+        let Some(mut buf) = burst.packet_buf(i) else {
+            t.drop(DropReason::Oversize);
+            return EspOutcome::Done;
+        };
+        match esp::decapsulate(sa, &mut buf, &loc) {
+            Ok(d) => {
+                if let Some(e) = d.event {
+                    self.report(Direction::In, slot, loc.spi, e);
+                }
+                EspOutcome::Decrypted { slot }
+            }
+            Err(e) => {
+                t.drop(decap_drop(e));
+                EspOutcome::Done
+            }
+        }
+    }
+
+    /// Processes packets other workers handed to this one (it owns their SAs).
+    fn drain_inbox(&self, s: &mut Scratch) -> usize {
+        let inbox = &self.handoff.inboxes[self.id];
+        if inbox.is_empty() {
+            return 0;
+        }
+        let table = self.sadb.load();
+        let mut t = Tally::default();
+        let mut n = 0;
+        while n < self.burst {
+            let Some(item) = inbox.pop() else { break };
+            n += 1;
+            let d = item.dir as usize;
+            let b = &mut s.inbox[d];
+            let idx = b.len();
+            if let Err(m) = b.push(item.mbuf) {
+                drop(m);
+                t.drop(DropReason::HandoffFull);
+                continue;
+            }
+            s.inbox_keep[d][idx] = match item.job {
+                Job::Protect { slot } => self.protect_handed(&table, b, idx, slot, item.l3, &mut t),
+                Job::Unprotect { slot, loc } => {
+                    self.unprotect_handed(&table, b, idx, slot, &loc, &mut t)
+                }
+            };
+        }
+        for dir in [Direction::Out, Direction::In] {
+            let d = dir as usize;
+            if s.inbox[d].is_empty() {
+                continue;
+            }
+            let (_, tx, _, tx_side) = self.queues(dir);
+            let out = s.inbox[d].forward(&s.inbox_keep[d], tx);
+            self.publish(&t, tx_side, out);
+            t = Tally::default();
+        }
+        n
+    }
+
+    /// Encrypts a handed-off outbound packet.
+    fn protect_handed(
+        &self,
+        table: &SaTable,
+        b: &mut Burst,
+        idx: usize,
+        slot: u32,
+        l3: u16,
+        t: &mut Tally,
+    ) -> bool {
+        let Some(sa) = table.outbound(slot) else {
+            return t.drop(DropReason::ProtectNoSa);
+        };
+        let Some(mut buf) = b.packet_buf(idx) else {
+            return t.drop(DropReason::Oversize);
+        };
+        let spi = sa.params.spi;
+        match esp::encapsulate(sa, &mut buf, l3 as usize, &mut |e| {
+            self.report(Direction::Out, slot, spi, e)
+        }) {
+            Ok(()) => {
+                t.encrypted += 1;
+                true
+            }
+            Err(e) => t.drop(encap_drop(e)),
+        }
+    }
+
+    /// Decrypts a handed-off inbound packet and checks it against its SA's selectors.
+    fn unprotect_handed(
+        &self,
+        table: &SaTable,
+        b: &mut Burst,
+        idx: usize,
+        slot: u32,
+        loc: &EspLocation,
+        t: &mut Tally,
+    ) -> bool {
+        let Some(sa) = table.inbound(slot) else {
+            return t.drop(DropReason::NoSa);
+        };
+        let Some(mut buf) = b.packet_buf(idx) else {
+            return t.drop(DropReason::Oversize);
+        };
+        match esp::decapsulate(sa, &mut buf, loc) {
+            Err(e) => t.drop(decap_drop(e)),
+            Ok(d) => {
+                if let Some(e) = d.event {
+                    self.report(Direction::In, slot, loc.spi, e);
+                }
+                let len = buf.data().len();
+                let (mut k4, mut k6) = (KeyV4::default(), KeyV6::default());
+                let mut v = [Verdict::DefaultDiscard];
+                match parse_into(buf.data(), len, &mut k4, &mut k6) {
+                    FrameKind::V4 {
+                        fragment: false, ..
+                    } => self.filter.classify_v4(Direction::In, false, &[k4], &mut v),
+                    FrameKind::V6 {
+                        fragment: false, ..
+                    } => self.filter.classify_v6(Direction::In, false, &[k6], &mut v),
+                    _ => return t.drop(DropReason::PolicyMismatch),
+                }
+                match v[0] {
+                    Verdict::Protect { sa, .. } if sa == slot => {
+                        t.decrypted += 1;
+                        true
+                    }
+                    _ => t.drop(DropReason::PolicyMismatch),
+                }
+            }
+        }
+    }
+}
+
+enum EspOutcome {
+    NotEsp,
+    /// Dropped or handed off.
+    Done,
+    Decrypted {
+        slot: u32,
+    },
 }
