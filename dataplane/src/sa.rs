@@ -523,6 +523,57 @@ mod tests {
         }
     }
 
+    /// ring's output equals that of independent implementations (the RustCrypto
+    /// aes-gcm and chacha20poly1305 crates) for random keys, salts, sequence
+    /// numbers, ESN on/off and payload sizes.
+    #[test]
+    fn seal_matches_independent_implementations() {
+        use aes_gcm::aead::{AeadInPlace, KeyInit};
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for alg in [AeadAlg::Aes128Gcm16, AeadAlg::Aes256Gcm16, AeadAlg::ChaCha20Poly1305] {
+            for round in 0..40 {
+                let esn = round % 2 == 0;
+                let mut p = params(alg, esn);
+                p.key_material = Zeroizing::new((0..alg.key_len() + 4).map(|_| rnd() as u8).collect());
+                p.spi = rnd() as u32 | 0x100;
+                let sa = Sa::new(p.clone(), 0).unwrap();
+                let seq = if esn { rnd() >> 1 } else { rnd() as u32 as u64 };
+                let iv = rnd().to_be_bytes();
+                let len = [0usize, 1, 15, 16, 17, 64, 1400, 1500][round % 8];
+                let plain: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+                let mut ours = plain.clone();
+                let icv = sa.seal(seq, &iv, &mut ours);
+
+                let key = &p.key_material[..alg.key_len()];
+                let mut nonce = [0u8; 12];
+                nonce[..4].copy_from_slice(&p.key_material[alg.key_len()..]);
+                nonce[4..].copy_from_slice(&iv);
+                let (aad, n) = sa.aad(seq);
+                let mut theirs = plain.clone();
+                let tag = match alg {
+                    AeadAlg::Aes128Gcm16 => aes_gcm::Aes128Gcm::new_from_slice(key)
+                        .unwrap()
+                        .encrypt_in_place_detached(&nonce.into(), &aad[..n], &mut theirs),
+                    AeadAlg::Aes256Gcm16 => aes_gcm::Aes256Gcm::new_from_slice(key)
+                        .unwrap()
+                        .encrypt_in_place_detached(&nonce.into(), &aad[..n], &mut theirs),
+                    AeadAlg::ChaCha20Poly1305 => chacha20poly1305::ChaCha20Poly1305::new_from_slice(key)
+                        .unwrap()
+                        .encrypt_in_place_detached(&nonce.into(), &aad[..n], &mut theirs),
+                }
+                .unwrap();
+                assert_eq!(ours, theirs, "{alg:?} ciphertext, len {len}");
+                assert_eq!(&icv[..], &tag[..], "{alg:?} ICV, len {len}");
+            }
+        }
+    }
+
     #[test]
     fn lifetimes_and_sequence_exhaustion() {
         let sa = Sa::new(params(AeadAlg::Aes128Gcm16, false), 0).unwrap();
