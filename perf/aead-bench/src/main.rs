@@ -58,6 +58,7 @@ fn main() {
     let key32 = [7u8; 32];
     let aad = [1u8, 2, 3, 4, 0, 0, 0, 1];
     type Seal = Box<dyn FnMut(u64, &mut [u8])>;
+    type Case = (&'static str, &'static str, Box<dyn Fn() -> Seal>);
     let ring_seal = |alg: &'static aead::Algorithm, klen: usize| -> Seal {
         let key = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &key32[..klen]).unwrap());
         Box::new(move |n, buf| {
@@ -86,7 +87,7 @@ fn main() {
             }) as Seal
         }};
     }
-    let cases: Vec<(&str, &str, Box<dyn Fn() -> Seal>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "aes128gcm16",
             "ring",
