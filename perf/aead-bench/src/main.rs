@@ -43,6 +43,9 @@ fn measure(millis: u64, len: usize, mut seal: impl FnMut(u64, &mut [u8])) -> f64
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+const KEY32: [u8; 32] = [7u8; 32];
+const AAD: [u8; 8] = [1, 2, 3, 4, 0, 0, 0, 1];
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -55,19 +58,17 @@ fn main() {
     {
         core_affinity::set_for_current(core);
     }
-    let key32 = [7u8; 32];
-    let aad = [1u8, 2, 3, 4, 0, 0, 0, 1];
     type Seal = Box<dyn FnMut(u64, &mut [u8])>;
     type Case = (&'static str, &'static str, Box<dyn Fn() -> Seal>);
     let ring_seal = |alg: &'static aead::Algorithm, klen: usize| -> Seal {
-        let key = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &key32[..klen]).unwrap());
+        let key = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &KEY32[..klen]).unwrap());
         Box::new(move |n, buf| {
             let mut nonce = [0u8; 12];
             nonce[4..].copy_from_slice(&n.to_be_bytes());
             let tag = key
                 .seal_in_place_separate_tag(
                     aead::Nonce::assume_unique_for_key(nonce),
-                    aead::Aad::from(&aad),
+                    aead::Aad::from(&AAD),
                     buf,
                 )
                 .unwrap();
@@ -76,12 +77,12 @@ fn main() {
     };
     macro_rules! rustcrypto {
         ($t:ty, $klen:expr) => {{
-            let c = <$t>::new_from_slice(&key32[..$klen]).unwrap();
+            let c = <$t>::new_from_slice(&KEY32[..$klen]).unwrap();
             Box::new(move |n: u64, buf: &mut [u8]| {
                 let mut nonce = [0u8; 12];
                 nonce[4..].copy_from_slice(&n.to_be_bytes());
                 let tag = c
-                    .encrypt_in_place_detached(&nonce.into(), &aad, buf)
+                    .encrypt_in_place_detached(&nonce.into(), &AAD, buf)
                     .unwrap();
                 std::hint::black_box(tag);
             }) as Seal
