@@ -25,6 +25,20 @@ EXIT_CONFIG = 2
 EXIT_DPDK = 3
 EXIT_WORKER = 4
 
+# Every drop reason of the JSON summary (`drops`), as documented.
+DROP_REASONS = (
+    "malformed", "policy_discard", "default_discard", "protect_no_sa", "tx_full", "no_sa",
+    "replay", "icv", "expired", "policy_mismatch", "unprotected", "oversize", "handoff_full",
+)
+
+
+def drops(**counts):
+    """A complete `drops` dict: every reason 0 but those given."""
+    unknown = set(counts) - set(DROP_REASONS)
+    assert not unknown, f"test bug: unknown drop reasons {unknown}"
+    return {r: counts.get(r, 0) for r in DROP_REASONS}
+
+
 # Generous: a run of --run-for 2 takes ~2.5 s; these only catch hangs.
 RUN_TIMEOUT = 60
 CHECK_TIMEOUT = 20
@@ -52,6 +66,8 @@ def toml_str(s):
 
 
 def toml_value(v):
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -62,8 +78,9 @@ def toml_value(v):
 
 
 def render_config(inside, outside, policies=(), *, prefix, workers=1, burst=32,
-                  default_action="bypass", extra_dataplane=None):
-    """The text of a config file. `policies` are dicts of TOML keys, in order."""
+                  default_action="bypass", extra_dataplane=None, sas=()):
+    """The text of a config file. `policies` and `sas` are dicts of TOML keys, in
+    order (a dict value becomes an inline table, e.g. lifetime_packets)."""
     lines = [
         "# written by the bitw system tests",
         "[eal]",
@@ -83,15 +100,35 @@ def render_config(inside, outside, policies=(), *, prefix, workers=1, burst=32,
         "[ports.outside]",
         f"device = {toml_str(outside)}",
     ]
-    for p in policies:
-        lines += ["", "[[policy]]"]
-        for k, v in p.items():
-            lines.append(f"{k} = {toml_value(v)}")
+    for table, entries in (("policy", policies), ("sa", sas)):
+        for p in entries:
+            lines += ["", f"[[{table}]]"]
+            for k, v in p.items():
+                lines.append(f"{k} = {toml_value(v)}")
     return "\n".join(lines) + "\n"
+
+
+def write_key_file(path, key_material):
+    """Writes an SA key file as bitw wants it: hex (key, then the 4-byte salt),
+    mode 0600 from the start (bitw refuses key files readable by others)."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(bytes(key_material).hex() + "\n")
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to an existing file
+    return path
 
 
 def pcap_device(index, rx, tx):
     return f"net_pcap{index},rx_pcap={rx},tx_pcap={tx}"
+
+
+def pcap_device_queues(index, rxs, txs):
+    """A net_pcap port with one queue pair per (rx, tx) capture: queue i reads
+    rxs[i] and writes txs[i] (one queue per worker)."""
+    assert len(rxs) == len(txs), "test bug: one tx capture per rx capture"
+    args = [f"rx_pcap={r}" for r in rxs] + [f"tx_pcap={t}" for t in txs]
+    return f"net_pcap{index}," + ",".join(args)
 
 
 class Run:

@@ -9,6 +9,7 @@ cannot look green.
 import glob
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,18 @@ def _remove_dpdk_runtime_dirs():
 def file_prefix(request):
     """A DPDK --file-prefix unique to this test (and to this call)."""
     return unique_prefix(re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:24])
+
+
+@pytest.fixture
+def demo_keys_private():
+    """git does not keep file modes: make the demo's key files 0600, as
+    scripts/demo.sh does (bitw refuses key files others can read). Returns the
+    demo directory."""
+    demo = REPO_ROOT / "configs" / "demo"
+    keys = sorted(demo.glob("*.key"))
+    assert keys, f"no key files in {demo}"
+    for key in keys:
+        mode = stat.S_IMODE(key.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(key, mode & 0o700)
+    return demo

@@ -5,11 +5,12 @@ before DPDK starts, print nothing on stdout, and say on stderr
 `error: FILE:LINE: field `FIELD`: message`, with the line of the offending value.
 """
 
+import os
 import re
 
 import pytest
 
-from bitw_testlib import EXIT_CONFIG, EXIT_OK, REPO_ROOT, eal_args, run_binary, toml_value
+from bitw_testlib import EXIT_CONFIG, EXIT_OK, REPO_ROOT, eal_args, run_binary, toml_value, write_key_file
 
 BASE = """\
 [eal]
@@ -43,17 +44,43 @@ proto = 17
 dport = 53
 action = "protect"
 sa = "to-hq"
+
+[[sa]]
+name = "to-hq"
+direction = "in"   # the SA
+spi = "0x00001001"
+mode = "tunnel"
+tunnel_src = "2001:db8::1"
+tunnel_dst = "2001:db8::2"
+aead = "aes128gcm16"
+key_file = "{key}"
 """
 
+KEY20 = bytes(range(20))  # AES-128 key + salt
 
-def make_config(prefix, replacements=()):
-    """BASE with whole lines replaced: each `old` must be exactly one line of BASE."""
-    lines = BASE.format(eal=toml_value(eal_args(prefix))).split("\n")
+
+@pytest.fixture
+def keys(tmp_path):
+    """Key files the configs refer to: {key} good (0600), {loose} readable by
+    others, {short} too short for aes128gcm16, {missing} absent."""
+    k = {"key": write_key_file(tmp_path / "good.key", KEY20),
+         "loose": write_key_file(tmp_path / "loose.key", KEY20),
+         "short": write_key_file(tmp_path / "short.key", KEY20[:16]),
+         "missing": tmp_path / "no-such.key"}
+    os.chmod(k["loose"], 0o644)
+    return {n: str(v) for n, v in k.items()}
+
+
+def make_config(prefix, keys, replacements=()):
+    """BASE with whole lines replaced: each `old` must be exactly one line of BASE;
+    {key}, {loose}, {short}, {missing} in the result name the `keys` files (so
+    TOML's own braces are written {{ }} in replacements)."""
+    lines = BASE.split("\n")
     for old, new in replacements:
         idx = [i for i, line in enumerate(lines) if line == old]
         assert len(idx) == 1, f"test bug: line {old!r} occurs {len(idx)} times"
         lines[idx[0]:idx[0] + 1] = new.split("\n")
-    return "\n".join(lines)
+    return "\n".join(lines).format(eal=toml_value(eal_args(prefix)), **keys)
 
 
 def nth_line_of(text, line, n):
@@ -147,6 +174,44 @@ CASES = [
     ("icmp-type-above-255", [('proto = "tcp"', 'proto = "icmp"'), ('dport = "1000-2000"', 'dport = 0'),
                              ('sport = "any"', 'sport = 300')],
      ('sport = 300',), ("policy[0].sport",), "0 to 255"),
+    # SAs. A protect rule's SA must exist and be of the rule's direction: the
+    # message points at the rule (its header or its `sa` line).
+    ("protect-names-unknown-sa", [('sa = "to-hq"', 'sa = "to-hx"')],
+     lambda text: (nth_line_of(text, "[[policy]]", 2), line_of(text, 'sa = "to-hx"')), "policy[1].sa",
+     "no [[sa]] is named `to-hx`"),
+    ("protect-names-sa-of-other-direction", [('direction = "in"   # the SA', 'direction = "out"')],
+     lambda text: (nth_line_of(text, "[[policy]]", 2), line_of(text, 'sa = "to-hq"')), "policy[1].sa",
+     "out SA"),
+    ("key-file-readable-by-others", [('key_file = "{key}"', 'key_file = "{loose}"')],
+     lambda text: line_of(text, next(l for l in text.split("\n") if l.startswith("key_file"))),
+     "sa[0].key_file", "chmod 600"),
+    ("key-file-too-short", [('key_file = "{key}"', 'key_file = "{short}"')],
+     lambda text: line_of(text, next(l for l in text.split("\n") if l.startswith("key_file"))),
+     "sa[0].key_file", "holds 16 bytes; aes128gcm16 needs 20"),
+    ("key-file-missing", [('key_file = "{key}"', 'key_file = "{missing}"')],
+     lambda text: line_of(text, next(l for l in text.split("\n") if l.startswith("key_file"))),
+     "sa[0].key_file", "cannot read the key file"),
+    ("unknown-aead", [('aead = "aes128gcm16"', 'aead = "aes128cbc"')],
+     'aead = "aes128cbc"', "sa[0].aead", "aes128cbc"),
+    ("spi-not-a-number", [('spi = "0x00001001"', 'spi = "0xZZ"')],
+     'spi = "0xZZ"', "sa[0].spi", "0xZZ"),
+    ("spi-reserved", [('spi = "0x00001001"', 'spi = 255')],
+     'spi = 255', "sa[0].spi", "reserved"),
+    ("unknown-mode", [('mode = "tunnel"', 'mode = "tunel"')],
+     'mode = "tunel"', "sa[0].mode", "tunel"),
+    ("tunnel-without-destination", [('tunnel_dst = "2001:db8::2"', '')],
+     ('mode = "tunnel"',), "sa[0].tunnel_dst", "tunnel_dst"),
+    ("tunnel-families-mixed", [('tunnel_dst = "2001:db8::2"', 'tunnel_dst = "10.0.0.2"')],
+     'tunnel_dst = "10.0.0.2"', "sa[0].tunnel_dst", "different address families"),
+    ("transport-with-tunnel-addresses", [('mode = "tunnel"', 'mode = "transport"')],
+     'tunnel_src = "2001:db8::1"', "sa[0].tunnel_src", "transport"),
+    ("replay-window-on-outbound-sa", [('direction = "in"   # the SA', 'direction = "out"\nreplay_window = 64')],
+     'replay_window = 64', "sa[0].replay_window", "inbound"),
+    ("soft-lifetime-not-below-hard", [('aead = "aes128gcm16"',
+                                       'aead = "aes128gcm16"\nlifetime_packets = {{ soft = 5, hard = 5 }}')],
+     ('name = "to-hq"', 'lifetime_packets = { soft = 5, hard = 5 }'), "sa[0].lifetime_packets", "soft limit 5"),
+    ("unknown-key-sa", [('aead = "aes128gcm16"', 'aead = "aes128gcm16"\nreplay = 64')],
+     'replay = 64', None, "replay"),
 ]
 
 
@@ -176,9 +241,9 @@ def _assert_config_error(run, path, line, field, needle):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_config_is_rejected_with_file_line_and_field(dataplane, tmp_path, file_prefix, case):
+def test_bad_config_is_rejected_with_file_line_and_field(dataplane, tmp_path, file_prefix, keys, case):
     name, replacements, at, field, needle = case
-    text = make_config(file_prefix, replacements)
+    text = make_config(file_prefix, keys, replacements)
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
     if callable(at):
@@ -195,9 +260,9 @@ def test_bad_config_is_rejected_with_file_line_and_field(dataplane, tmp_path, fi
     assert err_check == err_run
 
 
-def test_good_config_check_passes(dataplane, tmp_path, file_prefix):
+def test_good_config_check_passes(dataplane, tmp_path, file_prefix, keys):
     path = tmp_path / "good.toml"
-    path.write_text(make_config(file_prefix))
+    path.write_text(make_config(file_prefix, keys))
     r = run_binary(dataplane, "--config", path, "--check", timeout=20)
     assert r.returncode == EXIT_OK, r.describe()
     assert r.stdout == ""
@@ -205,16 +270,21 @@ def test_good_config_check_passes(dataplane, tmp_path, file_prefix):
     assert "EAL:" not in r.stderr, "--check must not start DPDK"
 
 
-@pytest.mark.parametrize("shipped", ["configs/reference.toml", "configs/demo.toml"])
-def test_shipped_configs_check(dataplane, shipped):
+@pytest.mark.parametrize("shipped", [
+    pytest.param("configs/reference.toml", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG (shipped config): configs/reference.toml's protect rule names SA `to-hq` but the file "
+        "has no [[sa]] table (and documents none of the [[sa]] keys)"))),
+    "configs/demo.toml",
+])
+def test_shipped_configs_check(dataplane, shipped, demo_keys_private):
     r = run_binary(dataplane, "--config", REPO_ROOT / shipped, "--check", timeout=20, cwd=REPO_ROOT)
     assert r.returncode == EXIT_OK, r.describe()
     assert ": ok (" in r.stderr
 
 
-def test_same_device_for_both_ports(dataplane, tmp_path, file_prefix):
+def test_same_device_for_both_ports(dataplane, tmp_path, file_prefix, keys):
     path = tmp_path / "same.toml"
-    path.write_text(make_config(file_prefix, [('device = "net_null1"', 'device = "net_null0"')]))
+    path.write_text(make_config(file_prefix, keys, [('device = "net_null1"', 'device = "net_null0"')]))
     for args in (["--check"], ["--run-for", "1"]):
         r = run_binary(dataplane, "--config", path, *args, timeout=60)
         assert r.returncode == EXIT_CONFIG, r.describe()
@@ -235,9 +305,9 @@ def test_missing_config_file(dataplane, tmp_path, args):
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "=-1", "=-0.5", "nan", "inf", "abc", ""])
-def test_run_for_must_be_positive(dataplane, tmp_path, file_prefix, value):
+def test_run_for_must_be_positive(dataplane, tmp_path, file_prefix, keys, value):
     path = tmp_path / "good.toml"
-    path.write_text(make_config(file_prefix))
+    path.write_text(make_config(file_prefix, keys))
     args = [f"--run-for{value}"] if value.startswith("=") else ["--run-for", value]
     r = run_binary(dataplane, "--config", path, *args, timeout=30)
     assert r.returncode == EXIT_CONFIG, r.describe()

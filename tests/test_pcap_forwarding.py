@@ -11,6 +11,12 @@ agrees with every intent (so the traffic really exercises what it claims),
 then runs bitw-dataplane and compares each output capture, byte for byte and
 in order, with what the model says must come out, and every JSON counter with
 the model's counts.
+
+Protect rules name SAs (tunnel mode here; tests/test_esp.py covers ESP in
+depth): what an outbound protect rule selects must come out as ESP of its SA,
+which the test decrypts with Scapy and compares with the original packet;
+inbound, valid ESP is decrypted and must fall inside its SA's selectors, and
+plaintext that a protect rule selects is dropped (`unprotected`).
 """
 
 import ipaddress
@@ -25,8 +31,12 @@ from scapy.all import (
     IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, Raw,
 )
 
+from bitw_esp import (
+    SaSpec, decapsulated, encrypt_inbound, esp_spi, ip_packet, outbound_problems, parse_esp_frame,
+    scapy_decrypt, write_sa_configs,
+)
 from bitw_testlib import (
-    pcap_device, read_pcap, render_config, run_config, write_pcap, frames_diff,
+    drops, pcap_device, read_pcap, render_config, run_config, write_pcap, frames_diff,
 )
 
 T = "02:00:00:00:00:01"  # a terminal, inside
@@ -92,6 +102,15 @@ POLICIES = [
          action="discard"),
 ]
 
+# The SAs the protect rules name (keys derived from the names, files 0600 in tmp).
+SAS = [
+    SaSpec("to-hq", "out", 0x1001, "tunnel", "172.16.0.1", "172.16.0.2", aead="aes128gcm16", esn=False),
+    SaSpec("v6-hq", "out", 0x1002, "tunnel", "2001:db8:ffff::1", "2001:db8:ffff::2", aead="chacha20poly1305"),
+    SaSpec("from-hq", "in", 0x3001, "tunnel", "172.16.0.2", "172.16.0.1", aead="aes128gcm16", esn=False),
+    SaSpec("v6-in", "in", 0x3002, "transport", aead="aes256gcm16"),
+]
+SA_BY_NAME = {s.name: s for s in SAS}
+
 # ---------------------------------------------------------------------------
 # The model: documented semantics, written independently of the Rust code.
 
@@ -105,6 +124,7 @@ class ModelRule:
         self.name = d["name"]
         self.direction = d["direction"]
         self.action = d["action"]
+        self.sa = d.get("sa")
         self.src = self._prefix(d.get("src", "any"))
         self.dst = self._prefix(d.get("dst", "any"))
         p = d.get("proto", "any")
@@ -508,6 +528,19 @@ def outside_traffic():
         "in-esp-bypass", "ESP")
     add(e(IPv6(src="2001:db8:f::1", dst="2001:db8:a::1") / ESP(spi=0x2002, seq=1) / Raw(b"\x00" * 16)),
         "in-esp-bypass", "ESP over IPv6")
+    # Genuine ESP of the inbound SAs (their outer headers hit in-esp-bypass; the
+    # model decrypts them and checks the inner packet against the SA's rule).
+    from_hq, v6_in = SA_BY_NAME["from-hq"], SA_BY_NAME["v6-in"]
+    hq_reply = IP(src="10.1.2.3", dst="10.0.0.1") / UDP(sport=22, dport=40001) / Raw(b"from hq")
+    add(encrypt_inbound(from_hq, hq_reply, 1), "in-esp-bypass", "ESP from HQ (tunnel)")
+    add(encrypt_inbound(from_hq, hq_reply, 1), "in-esp-bypass", "ESP from HQ, replayed")
+    add(encrypt_inbound(from_hq, IP(src="10.1.2.3", dst="10.0.1.1") / UDP(sport=22, dport=40001), 2),
+        "in-esp-bypass", "ESP from HQ, inner packet outside the SA's selectors")
+    bad = bytearray(encrypt_inbound(from_hq, hq_reply, 3))
+    bad[-1] ^= 0x80
+    add(bytes(bad), "in-esp-bypass", "ESP from HQ, ICV corrupted")
+    add(encrypt_inbound(v6_in, IPv6(src="2001:db8:f::9", dst="2001:db8:a::1") / UDP(sport=40000, dport=5500)
+                        / Raw(b"v6 transport"), 1), "in-esp-bypass", "ESP from HQ (IPv6 transport)")
     # ICMP ping discard (type 8, any code)
     add(e(IP(src="198.51.100.10", dst="10.0.0.1") / ICMP(type=8)), "in-ping-discard", "echo")
     add(e(IP(src="198.51.100.10", dst="10.0.0.1") / ICMP(type=8, code=3)), "in-ping-discard", "echo code 3")
@@ -609,10 +642,53 @@ def _check_traffic_matches_intents(traffic, direction, rules):
     assert not bad, "test data and model disagree:\n" + "\n".join(bad)
 
 
-def _expectation(traffic, direction, rules, default_action):
-    """Frames that must come out (in order) and the counters the run must show."""
+def _model_inbound_esp(frame, rules, sas=SAS):
+    """The documented inbound ESP processing, for a frame that is ESP to a known
+    inbound SA: (counter, frame that goes out or None). None if the frame is not
+    ESP of a known SA (unknown SPIs: see _expectation)."""
+    spi = esp_spi(frame)
+    if spi is None:
+        return None
+    k = model_parse(frame)
+    if k["kind"] != "ip" or k["fragment"]:
+        return None
+    spec = next((s for s in sas if s.direction == "in" and s.spi == spi), None)
+    if spec is None:
+        return "unknown_spi", None
+    try:
+        inner = scapy_decrypt(spec, parse_esp_frame(frame))
+    except Exception:  # noqa: BLE001 - IPSecIntegrityError: the ICV does not verify
+        return "icv", None
+    out = decapsulated(ip_packet(frame)[0], inner)
+    _, rule = model_classify(out, "in", rules)
+    if rule is not None and rule.action == "protect" and rule.sa == spec.name:
+        return "esp_decrypted", out
+    return "policy_mismatch", None
+
+
+def _expectation(traffic, direction, rules, default_action, unknown_spi="drop", sas=SAS):
+    """Frames that must come out (in order) and the counters the run must show.
+    An outbound protect hit comes out as ("esp", SA, original frame)."""
     out, c = [], Counter()
+    authenticated = set()  # the model's replay window: (SPI, sequence number) seen
     for frame, _intent, _note in traffic:
+        esp = _model_inbound_esp(frame, rules, sas) if direction == "in" else None
+        if esp is not None:
+            kind, out_frame = esp
+            if kind == "unknown_spi" and unknown_spi == "drop":
+                c["no_sa"] += 1
+                continue
+            if kind != "unknown_spi":
+                key = (esp_spi(frame), parse_esp_frame(frame).seq_lo)
+                if key in authenticated:
+                    c["replay"] += 1  # checked before decryption
+                    continue
+                if kind != "icv":
+                    authenticated.add(key)
+                c[kind] += 1
+                if out_frame is not None:
+                    out.append(out_frame)
+                continue
         outcome, rule = model_classify(frame, direction, rules)
         if outcome == "non_ip":
             c["non_ip"] += 1
@@ -630,11 +706,45 @@ def _expectation(traffic, direction, rules, default_action):
             out.append(frame)
         elif rule.action == "discard":
             c["policy_discard"] += 1
+        elif rule.action == "protect" and direction == "out":
+            c["esp_encrypted"] += 1
+            out.append(("esp", next(s for s in sas if s.name == rule.sa and s.direction == "out"), frame))
         elif rule.action == "protect":
-            c["protect_no_sa"] += 1
+            c["unprotected"] += 1
         else:
             raise AssertionError(rule.action)
     return out, c
+
+
+def _output_problems(got, want):
+    """Compares what a port sent with the model's list: plain frames byte for
+    byte, ESP frames by taking them apart and decrypting them (each SA's
+    sequence numbers must be 1..N). Returns a list of problems."""
+    if len(got) != len(want):
+        return [f"got {len(got)} frames, expected {len(want)}"] + (
+            [frames_diff(got, [w if isinstance(w, bytes) else w[2] for w in want], describe),
+             "(for ESP the original frame is shown)"])
+    problems, seqs, counts = [], Counter(), Counter()
+    for i, (g, w) in enumerate(zip(got, want)):
+        if isinstance(w, bytes):
+            if g != w:
+                problems.append(f"#{i}: got {describe(g)} ({g.hex()}), expected {describe(w)} ({w.hex()})")
+            continue
+        _, spec, orig = w
+        try:
+            seq = parse_esp_frame(g).seq_lo
+        except Exception as e:  # noqa: BLE001 - reported
+            problems.append(f"#{i}: expected ESP of {spec.name} for {describe(orig)}, got {describe(g)}: {e}")
+            continue
+        p = outbound_problems(spec, g, orig, seq)
+        if p:
+            problems.append(f"#{i} ({spec.name}, {describe(orig)}): " + "; ".join(p))
+        seqs[spec.name] += seq
+        counts[spec.name] += 1
+    for name, n in counts.items():
+        if seqs[name] != n * (n + 1) // 2:
+            problems.append(f"{name}: sequence numbers are not 1..{n}")
+    return problems
 
 
 def test_traffic_covers_every_rule_action_and_case():
@@ -660,10 +770,17 @@ def test_traffic_covers_every_rule_action_and_case():
         assert actions == {"bypass", "discard", "protect"}, (direction, actions)
     unhit = [r.name for r in rules if not hits[r.name]]
     assert not unhit, f"rules no frame hits: {unhit}"
+    # Inbound ESP: decrypted for each inbound SA, and every way of failing.
+    esp = Counter(r[0] for f, _, _ in outside_traffic() if (r := _model_inbound_esp(f, rules)))
+    assert {"esp_decrypted", "icv", "policy_mismatch", "unknown_spi"} <= set(esp), esp
+    decrypted = {esp_spi(f) for f, _, _ in outside_traffic() if (_model_inbound_esp(f, rules) or ("",))[0] == "esp_decrypted"}
+    assert decrypted == {s.spi for s in SAS if s.direction == "in"}
 
 
-@pytest.mark.parametrize("default_action", ["bypass", "discard"])
-def test_pcap_forwarding_matches_model(dataplane, tmp_path, file_prefix, default_action):
+@pytest.mark.parametrize("default_action,unknown_spi", [("bypass", "drop"), ("discard", "classify")])
+def test_pcap_forwarding_matches_model(dataplane, tmp_path, file_prefix, default_action, unknown_spi):
+    """`unknown_spi`: [dataplane] unknown_spi, what inbound ESP of no SA gets (the
+    default, "drop", counts it `no_sa`; "classify" runs it through the rules)."""
     rules = [ModelRule(p) for p in POLICIES]
     inside, outside = inside_traffic(), outside_traffic()
     _check_traffic_matches_intents(inside, "out", rules)
@@ -680,35 +797,37 @@ def test_pcap_forwarding_matches_model(dataplane, tmp_path, file_prefix, default
     cfg.write_text(render_config(
         pcap_device(0, paths["inside-rx"], paths["inside-tx"]),
         pcap_device(1, paths["outside-rx"], paths["outside-tx"]),
-        POLICIES, prefix=file_prefix, workers=1, burst=16, default_action=default_action))
+        POLICIES, prefix=file_prefix, workers=1, burst=16, default_action=default_action,
+        extra_dataplane=None if unknown_spi == "drop" else {"unknown_spi": unknown_spi},
+        sas=write_sa_configs(SAS, tmp_path)))
 
     want_out, c_out = _expectation(inside, "out", rules, default_action)
-    want_in, c_in = _expectation(outside, "in", rules, default_action)
+    want_in, c_in = _expectation(outside, "in", rules, default_action, unknown_spi)
     # Both outcomes really occur in this run (nothing passes vacuously).
     assert want_out and want_in and len(want_out) < len(inside) and len(want_in) < len(outside)
 
     run, summary = run_config(dataplane, cfg, run_for=2)
 
-    # 1. The frames: raw bytes, same order, nothing else.
+    # 1. The frames: same order, nothing else; raw bytes, or ESP that decrypts
+    # to the original.
     got_outside_tx = read_pcap(paths["outside-tx"])
     got_inside_tx = read_pcap(paths["inside-tx"])
-    diff = frames_diff(got_outside_tx, want_out, describe)
-    assert diff is None, f"port outside sent the wrong frames (direction out):\n{diff}"
+    problems = _output_problems(got_outside_tx, want_out)
+    assert not problems, "port outside sent the wrong frames (direction out):\n" + "\n".join(problems[:10])
     diff = frames_diff(got_inside_tx, want_in, describe)
     assert diff is None, f"port inside sent the wrong frames (direction in):\n{diff}"
 
     # 2. The counters, exactly.
     total = c_out + c_in
-    want_drops = {
-        "malformed": total["malformed"],
-        "policy_discard": total["policy_discard"],
-        "default_discard": total["default_discard"],
-        "protect_no_sa": total["protect_no_sa"],
-        "tx_full": 0,
-    }
+    want_drops = drops(**{r: total[r] for r in ("malformed", "policy_discard", "default_discard", "no_sa",
+                                                 "replay", "icv", "policy_mismatch", "unprotected")})
     assert summary["drops"] == want_drops, run.describe()
     assert summary["non_ip"] == total["non_ip"]
     assert summary["bypassed"] == total["bypassed"]
+    assert summary["esp_encrypted"] == total["esp_encrypted"] > 0
+    assert summary["esp_decrypted"] == total["esp_decrypted"] > 0
+    assert want_drops["unprotected"] > 0 and want_drops["policy_mismatch"] > 0
+    assert (want_drops["no_sa"] > 0) == (unknown_spi == "drop")
     assert summary["rx_packets"] == len(inside) + len(outside)
     assert summary["tx_packets"] == len(want_out) + len(want_in)
     # Every frame received is forwarded or dropped for a counted reason.
@@ -722,7 +841,8 @@ def test_pcap_forwarding_matches_model(dataplane, tmp_path, file_prefix, default
     size = lambda frames: sum(len(f) for f in frames)  # noqa: E731
     assert w["rx_inside"] == {"packets": len(inside), "bytes": size([f for f, _, _ in inside])}
     assert w["rx_outside"] == {"packets": len(outside), "bytes": size([f for f, _, _ in outside])}
-    assert w["tx_outside"] == {"packets": len(want_out), "bytes": size(want_out)}
+    # (ESP frames were checked above: their sizes are what was sent.)
+    assert w["tx_outside"] == {"packets": len(want_out), "bytes": size(got_outside_tx)}
     assert w["tx_inside"] == {"packets": len(want_in), "bytes": size(want_in)}
     assert w["drops"] == want_drops
     assert w["non_ip"] == total["non_ip"] and w["bypassed"] == total["bypassed"]
@@ -734,7 +854,7 @@ def test_pcap_forwarding_matches_model(dataplane, tmp_path, file_prefix, default
     assert ports["outside"]["rx_packets"] == len(outside)
     assert ports["outside"]["tx_packets"] == len(want_out)
     assert ports["inside"]["tx_packets"] == len(want_in)
-    assert ports["outside"]["tx_bytes"] == size(want_out)
+    assert ports["outside"]["tx_bytes"] == size(got_outside_tx)
     assert ports["inside"]["tx_bytes"] == size(want_in)
     assert ports["inside"]["device"].startswith("net_pcap0,")
     assert ports["outside"]["device"].startswith("net_pcap1,")
@@ -782,9 +902,9 @@ def test_first_match_in_a_large_table(dataplane, tmp_path, file_prefix):
     for i in range(n):
         a = actions[i % 3]
         policies.append(dict(name=f"out-host-{i}", direction="out", src=f"10.50.{i // 256}.{i % 256}",
-                             proto="udp", dport=1000 + i, action=a, **({"sa": "s"} if a == "protect" else {})))
+                             proto="udp", dport=1000 + i, action=a, **({"sa": "s-out"} if a == "protect" else {})))
         policies.append(dict(name=f"in-host-{i}", direction="in", dst=f"2001:db8:50::{i:x}/128",
-                             proto="tcp", sport=2000 + i, action=a, **({"sa": "s"} if a == "protect" else {})))
+                             proto="tcp", sport=2000 + i, action=a, **({"sa": "s-in"} if a == "protect" else {})))
     policies.append(dict(name="out-catch-all", direction="out", src="10.50.0.0/16", action="discard"))
     policies.append(dict(name="in-catch-all", direction="in", dst="2001:db8:50::/112", action="discard"))
     rules = [ModelRule(p) for p in policies]
@@ -811,20 +931,27 @@ def test_first_match_in_a_large_table(dataplane, tmp_path, file_prefix):
     write_pcap(paths["in-rx"], inside)
     write_pcap(paths["out-rx"], outside)
     cfg = tmp_path / "big.toml"
+    sas = [SaSpec("s-out", "out", 0x5001, "tunnel", "172.16.50.1", "172.16.50.2"),
+           SaSpec("s-in", "in", 0x5002, "tunnel", "2001:db8:ffff:50::2", "2001:db8:ffff:50::1")]
     cfg.write_text(render_config(pcap_device(0, paths["in-rx"], paths["in-tx"]),
                                  pcap_device(1, paths["out-rx"], paths["out-tx"]),
-                                 policies, prefix=file_prefix, default_action="bypass"))
+                                 policies, prefix=file_prefix, default_action="bypass",
+                                 sas=write_sa_configs(sas, tmp_path)))
     traffic_in = [(f, None, "") for f in inside]
     traffic_out = [(f, None, "") for f in outside]
-    want_out, c_out = _expectation(traffic_in, "out", rules, "bypass")
-    want_in, c_in = _expectation(traffic_out, "in", rules, "bypass")
+    want_out, c_out = _expectation(traffic_in, "out", rules, "bypass", sas=sas)
+    want_in, c_in = _expectation(traffic_out, "in", rules, "bypass", sas=sas)
 
     run, s = run_config(dataplane, cfg, run_for=2)
-    assert frames_diff(read_pcap(paths["out-tx"]), want_out, describe) is None
+    problems = _output_problems(read_pcap(paths["out-tx"]), want_out)
+    assert not problems, "\n".join(problems[:10])
     assert frames_diff(read_pcap(paths["in-tx"]), want_in, describe) is None
     total = c_out + c_in
-    assert s["drops"] == {"malformed": 0, "policy_discard": total["policy_discard"], "default_discard": 0,
-                          "protect_no_sa": total["protect_no_sa"], "tx_full": 0}, run.describe()
+    # Outbound protect hits leave encrypted; inbound plaintext ones are `unprotected`.
+    assert total["esp_encrypted"] > 0 and total["unprotected"] > 0
+    assert s["drops"] == drops(policy_discard=total["policy_discard"], unprotected=total["unprotected"]), \
+        run.describe()
+    assert s["esp_encrypted"] == total["esp_encrypted"]
     assert s["bypassed"] == total["bypassed"]
     assert s["rx_packets"] == len(inside) + len(outside)
     assert s["tx_packets"] == len(want_out) + len(want_in)
