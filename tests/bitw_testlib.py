@@ -29,6 +29,7 @@ EXIT_WORKER = 4
 DROP_REASONS = (
     "malformed", "policy_discard", "default_discard", "protect_no_sa", "tx_full", "no_sa",
     "replay", "icv", "expired", "policy_mismatch", "unprotected", "oversize", "handoff_full",
+    "fragment", "dummy",
 )
 
 

@@ -271,9 +271,7 @@ def test_good_config_check_passes(dataplane, tmp_path, file_prefix, keys):
 
 
 @pytest.mark.parametrize("shipped", [
-    pytest.param("configs/reference.toml", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG (shipped config): configs/reference.toml's protect rule names SA `to-hq` but the file "
-        "has no [[sa]] table (and documents none of the [[sa]] keys)"))),
+    "configs/reference.toml",
     "configs/demo.toml",
 ])
 def test_shipped_configs_check(dataplane, shipped, demo_keys_private):

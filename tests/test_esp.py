@@ -18,10 +18,6 @@
 Single-worker runs forward frames in order, so output captures are compared in
 order; with two workers only what is guaranteed is checked. (Scapy's ESP
 decryption does not look at the padding, hence the second, direct decryption.)
-
-Tests marked xfail(strict=True) state the correct behaviour where bitw has a
-known bug (the reason says which); once it is fixed they pass, pytest reports
-XPASS as a failure, and the marker must go.
 """
 
 import json
@@ -263,10 +259,10 @@ def test_outbound_matrix(matrix):
         if p:
             problems.append(f"#{i} ({spec.name}, {describe(orig)}):\n    " + "\n    ".join(p))
     assert not problems, f"{len(problems)} of {len(got)} ESP packets are wrong:\n" + "\n".join(problems[:12])
-    # Sequence numbers of each SA: 1..N, each once (they start at 1).
+    # Sequence numbers of each SA: 1..N in the order the packets leave.
     for spec in matrix.out_sas:
         n = sum(1 for _, s in want if s is spec)
-        assert sorted(seqs[spec.name]) == list(range(1, n + 1)), (spec.name, seqs[spec.name])
+        assert seqs[spec.name] == list(range(1, n + 1)), (spec.name, seqs[spec.name])
 
     s = matrix.result.summary
     assert s["esp_encrypted"] == len(want)
@@ -601,10 +597,8 @@ def test_lifetimes(dataplane, tmp_path):
         assert f"SA life-in (in SPI 0x00004002): {what}" in res.run.stderr, res.run.stderr
 
 
-@pytest.mark.skip(reason="sequence-number exhaustion needs 2^32 packets; unit-tested in Rust "
-                         "(sa.rs lifetimes_and_sequence_exhaustion)")
-def test_sequence_number_exhaustion():
-    pass
+# Sequence-number exhaustion needs 2^32 packets: it is unit-tested in Rust
+# (sa.rs lifetimes_and_sequence_exhaustion), not here.
 
 
 def test_too_big_to_protect_is_dropped(dataplane, tmp_path):
@@ -630,10 +624,6 @@ def test_too_big_to_protect_is_dropped(dataplane, tmp_path):
 # ---------------------------------------------------------------------------
 # Ordering of sequence numbers.
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: bitw numbers the packets of a burst in the order it classifies them "
-    "(non-initial fragments first, then IPv4, then IPv6), not in the order it sends "
-    "them, so one SA's ESP packets leave with sequence numbers out of order"))
 def test_outbound_sequence_numbers_follow_wire_order(dataplane, tmp_path):
     """One SA, one burst of IPv6, IPv4 and fragment packets: the ESP packets leave
     in arrival order with sequence numbers 1, 2, 3, … in that order (a peer's
@@ -658,11 +648,6 @@ def test_outbound_sequence_numbers_follow_wire_order(dataplane, tmp_path):
     assert [parse_esp_frame(g).seq_lo for g in res.outside_tx] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: transport mode protects IP fragments one by one (IPv4: fragment fields kept on "
-    "the ESP packet; IPv6: ESP after the fragment header), which no receiver can decrypt "
-    "(RFC 4303 §3.1.1: transport mode is for whole datagrams); bitw itself does not "
-    "decrypt fragments"))
 def test_transport_mode_does_not_protect_fragments(dataplane, tmp_path):
     """Fragments selected by a transport-mode SA are dropped (bitw does not
     reassemble), never sent in clear nor as per-fragment ESP; a whole packet of
@@ -685,11 +670,6 @@ def test_transport_mode_does_not_protect_fragments(dataplane, tmp_path):
     assert s["rx_packets"] == s["tx_packets"] + sum(s["drops"].values()) and s["esp_encrypted"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a non-initial fragment decrypted from a tunnel-mode SA is dropped as "
-    "policy_mismatch even when the SA's rule ignores ports, while bitw sends such "
-    "fragments through the same kind of SA outbound (RFC 4301 §7.1: MUST support "
-    "port-agnostic tunnel SAs carrying non-initial fragments)"))
 def test_tunnel_mode_carries_non_initial_fragments(dataplane, tmp_path):
     """Outbound, a non-initial fragment takes the first rule its addresses and
     protocol match (documented); the inbound check of a decrypted packet must
@@ -708,9 +688,6 @@ def test_tunnel_mode_carries_non_initial_fragments(dataplane, tmp_path):
     assert res.inside_tx == [decapsulated(l2, first_in), decapsulated(l2, frag_in)], res.summary["drops"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a transport-mode dummy packet (next header 59, RFC 4303 §2.6: to be discarded) "
-    "is sent to the terminal as an empty IP packet of protocol 59"))
 def test_dummy_packets_are_discarded(dataplane, tmp_path):
     """Dummy packets (next header 59) authenticate but carry nothing: they never
     reach the terminals, in tunnel or transport mode; real packets around them do."""

@@ -344,18 +344,27 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Line of the `i`-th `[[policy]]` header.
+    /// Line of the `sa` key of the `i`-th `[[policy]]` table (or of its header).
     fn line_of_policy(&self, i: usize) -> Option<usize> {
         let mut n = 0;
+        let mut header = None;
         for (no, l) in self.text.lines().enumerate() {
-            if l.trim().starts_with("[[policy]]") {
-                if n == i {
-                    return Some(no + 1);
+            let t = l.trim();
+            if t.starts_with('[') {
+                if header.is_some() {
+                    break; // the next table: no `sa` key seen
                 }
-                n += 1;
+                if t.starts_with("[[policy]]") {
+                    if n == i {
+                        header = Some(no + 1);
+                    }
+                    n += 1;
+                }
+            } else if header.is_some() && t.split('=').next().map(str::trim) == Some("sa") {
+                return Some(no + 1);
             }
         }
-        None
+        header
     }
 
     fn err<T>(
@@ -1163,11 +1172,11 @@ sa = "to-hq"
 
     #[test]
     fn sa_errors_name_line_and_field() {
-        // The protect rule's SA must exist (line 32: its `sa`'s rule header is line 25).
+        // The protect rule's SA must exist: the error points at its `sa` line.
         let e = parse(GOOD).unwrap_err();
         assert_eq!(
             (e.line, e.field.as_deref()),
-            (Some(25), Some("policy[1].sa")),
+            (Some(32), Some("policy[1].sa")),
             "{e}"
         );
         assert!(e.message.contains("no [[sa]] is named `to-hq`"), "{e}");

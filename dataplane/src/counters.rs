@@ -65,10 +65,15 @@ pub enum DropReason {
     Oversize,
     /// The SA's owner worker had no room in its inbox.
     HandoffFull,
+    /// An IP fragment a transport-mode SA would have to protect (transport
+    /// mode protects whole datagrams; bitw does not reassemble).
+    Fragment,
+    /// A dummy packet (next header 59, RFC 4303 §2.6): discarded by design.
+    Dummy,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Malformed,
         DropReason::PolicyDiscard,
         DropReason::DefaultDiscard,
@@ -82,6 +87,8 @@ impl DropReason {
         DropReason::Unprotected,
         DropReason::Oversize,
         DropReason::HandoffFull,
+        DropReason::Fragment,
+        DropReason::Dummy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +106,8 @@ impl DropReason {
             DropReason::Unprotected => "unprotected",
             DropReason::Oversize => "oversize",
             DropReason::HandoffFull => "handoff_full",
+            DropReason::Fragment => "fragment",
+            DropReason::Dummy => "dummy",
         }
     }
 }

@@ -636,6 +636,18 @@ pub struct MbufBuf<'a> {
 
 impl crate::esp::PacketBuf for MbufBuf<'_> {
     #[inline]
+    fn headroom(&self) -> usize {
+        // SAFETY: valid mbuf.
+        unsafe { sys::bitw_rte_pktmbuf_headroom(self.m) as usize }
+    }
+
+    #[inline]
+    fn tailroom(&self) -> usize {
+        // SAFETY: valid single-segment mbuf.
+        unsafe { sys::bitw_rte_pktmbuf_tailroom(self.m) as usize }
+    }
+
+    #[inline]
     fn data(&self) -> &[u8] {
         // SAFETY: a valid single-segment mbuf owned by the borrowed burst; data_len
         // bytes from buf_addr + data_off are its data.

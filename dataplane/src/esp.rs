@@ -32,6 +32,8 @@ pub const PROTO_ESP: u8 = 50;
 pub const PROTO_UDP: u8 = 17;
 const PROTO_IPIP: u8 = 4;
 const PROTO_IPV6: u8 = 41;
+/// "No next header": an ESP dummy packet (RFC 4303 §2.6).
+const PROTO_NONE: u8 = 59;
 const ESP_HEADER: usize = 8;
 const UDP_HEADER: usize = 8;
 /// Default port of ESP-in-UDP (RFC 3948).
@@ -42,6 +44,10 @@ pub const NAT_T_PORT: u16 = 4500;
 pub trait PacketBuf {
     fn data(&self) -> &[u8];
     fn data_mut(&mut self) -> &mut [u8];
+    /// Free bytes in front of the data.
+    fn headroom(&self) -> usize;
+    /// Free bytes behind the data.
+    fn tailroom(&self) -> usize;
     /// Grows the data at the front by `n` bytes; false (and no change) without room.
     fn prepend(&mut self, n: usize) -> bool;
     /// Grows the data at the end by `n` bytes; false (and no change) without room.
@@ -73,6 +79,12 @@ impl VecBuf {
 }
 
 impl PacketBuf for VecBuf {
+    fn headroom(&self) -> usize {
+        self.start
+    }
+    fn tailroom(&self) -> usize {
+        self.buf.len() - self.end
+    }
     fn data(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
@@ -120,6 +132,8 @@ pub enum EncapError {
     Expired,
     /// The result would exceed 65535 bytes of IP.
     TooBig,
+    /// A fragment, which transport mode cannot protect (it protects whole datagrams).
+    Fragment,
 }
 
 /// Why a received ESP packet was dropped. The checks run in this order, all
@@ -136,6 +150,10 @@ pub enum DecapError {
     Icv,
     /// Padding bytes, pad length or next header invalid after decryption.
     BadTrailer,
+    /// A dummy packet (next header 59, RFC 4303 §2.6), to be discarded.
+    Dummy,
+    /// ESP in UDP for an SA without UDP encapsulation, or the reverse.
+    WrongEncap,
 }
 
 /// Where the ESP packet of a frame starts, as found by [`locate_esp`].
@@ -350,19 +368,13 @@ fn encapsulate_inner<B: PacketBuf>(
     if pad_after > 0 && !buf.trim(pad_after) {
         return Err(EncapError::Malformed);
     }
-    let Some(seq) = sa.next_seq() else {
-        if let Some(ev) = sa.exhaust() {
-            on_event(ev);
-        }
-        return Err(EncapError::Expired);
-    };
     let udp_len = if matches!(sa.params.encap, Encap::Udp { .. }) {
         UDP_HEADER
     } else {
         0
     };
     match sa.params.mode {
-        Mode::Transport => encap_transport(sa, buf, l2_len, ipv6, total, udp_len, seq),
+        Mode::Transport => encap_transport(sa, buf, l2_len, ipv6, total, udp_len, on_event),
         Mode::Tunnel { src, dst } => {
             let inner_df = !ipv6 && buf.data()[l2_len + 6] & 0x40 != 0;
             let _ = proto_or_nh;
@@ -373,13 +385,33 @@ fn encapsulate_inner<B: PacketBuf>(
                 ipv6,
                 total,
                 udp_len,
-                seq,
+                on_event,
                 (src, dst),
                 inner_tos,
                 inner_df,
             )
         }
     }
+}
+
+/// The next outbound sequence number; at the end of the sequence space the SA
+/// expires (it never wraps). Taken only once the packet is sure to go out, so a
+/// dropped packet leaves no gap.
+fn take_seq(sa: &Sa, on_event: &mut dyn FnMut(SaEvent)) -> Result<u64, EncapError> {
+    match sa.next_seq() {
+        Some(seq) => Ok(seq),
+        None => {
+            if let Some(ev) = sa.exhaust() {
+                on_event(ev);
+            }
+            Err(EncapError::Expired)
+        }
+    }
+}
+
+/// Bytes the trailer (padding, pad length, next header) and ICV add after `payload_len`.
+fn trailer_len(payload_len: usize) -> usize {
+    (4 - (payload_len + 2) % 4) % 4 + 2 + ICV_LEN
 }
 
 /// Appends the ESP trailer (padding, pad length, next header) and room for the
@@ -436,20 +468,20 @@ fn encap_transport<B: PacketBuf>(
     ipv6: bool,
     total: usize,
     udp_len: usize,
-    seq: u64,
+    on_event: &mut dyn FnMut(SaEvent),
 ) -> Result<u64, EncapError> {
     // Where ESP goes: after the IPv4 header, or after IPv6's fixed header and any
-    // hop-by-hop, routing and fragment headers.
+    // hop-by-hop and routing headers. Fragments are refused: transport mode
+    // protects whole datagrams (RFC 4303 §3.1.1) and bitw does not reassemble.
     let (hdr_len, nh_at, next_header) = {
         let ip = &buf.data()[l2_len..l2_len + total];
         if ipv6 {
             let (mut off, mut nh_at, mut nh) = (40usize, 6usize, ip[6]);
             while matches!(nh, 0 | 43 | 44) {
-                let len = if nh == 44 {
-                    8
-                } else {
-                    (*ip.get(off + 1).ok_or(EncapError::Malformed)? as usize + 1) * 8
-                };
+                if nh == 44 {
+                    return Err(EncapError::Fragment);
+                }
+                let len = (*ip.get(off + 1).ok_or(EncapError::Malformed)? as usize + 1) * 8;
                 if off + len > total {
                     return Err(EncapError::Malformed);
                 }
@@ -459,15 +491,22 @@ fn encap_transport<B: PacketBuf>(
             }
             (off, nh_at, nh)
         } else {
+            if be16(ip, 6) & 0x3fff != 0 {
+                return Err(EncapError::Fragment);
+            }
             ((ip[0] & 0x0f) as usize * 4, 9, ip[9])
         }
     };
     let payload_len = total - hdr_len;
     let added_front = udp_len + ESP_HEADER + IV_LEN;
-    let new_total = total + added_front + (4 - (payload_len + 2) % 4) % 4 + 2 + ICV_LEN;
+    let new_total = total + added_front + trailer_len(payload_len);
     if new_total > 65535 {
         return Err(EncapError::TooBig);
     }
+    if buf.headroom() < added_front || buf.tailroom() < trailer_len(payload_len) {
+        return Err(EncapError::NoRoom);
+    }
+    let seq = take_seq(sa, on_event)?;
     if !buf.prepend(added_front) {
         return Err(EncapError::NoRoom);
     }
@@ -503,7 +542,10 @@ fn encap_transport<B: PacketBuf>(
 }
 
 fn fix_udp6_checksum(d: &mut [u8], ip: usize, udp: usize) {
-    let (src, dst) = (d[ip + 8..ip + 24].to_vec(), d[ip + 24..ip + 40].to_vec());
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&d[ip + 8..ip + 24]);
+    dst.copy_from_slice(&d[ip + 24..ip + 40]);
     let c = udp6_checksum(&src, &dst, &d[udp..]);
     put16(d, udp + 6, c);
 }
@@ -516,7 +558,7 @@ fn encap_tunnel<B: PacketBuf>(
     inner_v6: bool,
     total: usize,
     udp_len: usize,
-    seq: u64,
+    on_event: &mut dyn FnMut(SaEvent),
     (src, dst): (IpAddr, IpAddr),
     inner_tos: u8,
     inner_df: bool,
@@ -524,10 +566,14 @@ fn encap_tunnel<B: PacketBuf>(
     let outer_v6 = dst.is_ipv6();
     let outer_len = if outer_v6 { 40 } else { 20 };
     let added_front = outer_len + udp_len + ESP_HEADER + IV_LEN;
-    let new_total = total + added_front + (4 - (total + 2) % 4) % 4 + 2 + ICV_LEN;
+    let new_total = total + added_front + trailer_len(total);
     if new_total > 65535 {
         return Err(EncapError::TooBig);
     }
+    if buf.headroom() < added_front || buf.tailroom() < trailer_len(total) {
+        return Err(EncapError::NoRoom);
+    }
+    let seq = take_seq(sa, on_event)?;
     if !buf.prepend(added_front) {
         return Err(EncapError::NoRoom);
     }
@@ -599,6 +645,9 @@ pub fn decapsulate<B: PacketBuf>(
     buf: &mut B,
     loc: &EspLocation,
 ) -> Result<Decapsulated, DecapError> {
+    if matches!(sa.params.encap, Encap::Udp { .. }) != loc.udp {
+        return Err(DecapError::WrongEncap);
+    }
     if sa.is_expired() {
         return Err(DecapError::Expired);
     }
@@ -659,6 +708,10 @@ pub fn decapsulate<B: PacketBuf>(
         return Err(DecapError::BadTrailer);
     }
     let inner_len = pt_len - 2 - pad;
+    if next_header == PROTO_NONE {
+        // Traffic-flow-confidentiality dummy: authentic, counted, never delivered.
+        return Err(DecapError::Dummy);
+    }
     let tunnel = matches!(sa.params.mode, Mode::Tunnel { .. });
     if tunnel && next_header != PROTO_IPIP && next_header != PROTO_IPV6 {
         return Err(DecapError::BadTrailer);
@@ -679,6 +732,16 @@ pub fn decapsulate<B: PacketBuf>(
         if inner_len < if inner_v6 { 40 } else { 20 } {
             return Err(DecapError::BadTrailer);
         }
+        // The inner packet's own length; anything after it is TFC padding (RFC 4303 §2.4).
+        let ip_len = if inner_v6 {
+            40 + be16(d, inner + 4) as usize
+        } else {
+            be16(d, inner + 2) as usize
+        };
+        if ip_len > inner_len || (!inner_v6 && ip_len < 20) {
+            return Err(DecapError::BadTrailer);
+        }
+        let trailer = trailer + (inner_len - ip_len);
         put16(
             d,
             drop_front + loc.l2_len - 2,
@@ -957,6 +1020,104 @@ mod tests {
                 None => assert_eq!(decapsulate(&inb, &mut b, &loc), Err(DecapError::BadTrailer)),
             }
         }
+    }
+
+    #[test]
+    fn transport_refuses_fragments_and_no_room_leaves_no_sequence_gap() {
+        let out = sa(
+            Direction::Out,
+            Mode::Transport,
+            Encap::None,
+            AeadAlg::Aes128Gcm16,
+            false,
+        );
+        let mut frag = ipv4_udp(b"fragment", 0);
+        frag[6] = 0x20; // MF
+        ipv4_checksum(&mut frag[..20]);
+        let mut b = VecBuf::new(&eth(0x0800, &frag), 64, 64);
+        assert_eq!(
+            encapsulate(&out, &mut b, 14, &mut |_| {}),
+            Err(EncapError::Fragment)
+        );
+        // No tailroom: refused before a sequence number is used.
+        let frame = eth(0x0800, &ipv4_udp(b"x", 0));
+        let mut tight = VecBuf::new(&frame, 64, 4);
+        assert_eq!(
+            encapsulate(&out, &mut tight, 14, &mut |_| {}),
+            Err(EncapError::NoRoom)
+        );
+        assert_eq!(tight.data(), &frame[..], "the refused frame is intact");
+        let mut ok = VecBuf::new(&frame, 64, 64);
+        encapsulate(&out, &mut ok, 14, &mut |_| {}).unwrap();
+        assert_eq!(
+            &ok.data()[38..42],
+            &1u32.to_be_bytes(),
+            "sequence number 1: no gap"
+        );
+    }
+
+    #[test]
+    fn dummy_packets_tfc_padding_and_encap_mismatch() {
+        let t4 = Mode::Tunnel {
+            src: "172.16.0.1".parse().unwrap(),
+            dst: "172.16.0.2".parse().unwrap(),
+        };
+        let out = sa(Direction::Out, t4, Encap::None, AeadAlg::Aes128Gcm16, false);
+        let inb = sa(Direction::In, t4, Encap::None, AeadAlg::Aes128Gcm16, false);
+        // TFC padding: 8 extra bytes after the inner packet inside the ciphertext.
+        let inner = ipv4_udp(b"tfc", 0);
+        let mut padded = inner.clone();
+        padded.extend([0u8; 8]);
+        let mut frame = eth(0x0800, &padded);
+        // Present the padded packet as longer IP data: encapsulate it as an opaque inner.
+        frame[14 + 2..14 + 4].copy_from_slice(&(padded.len() as u16).to_be_bytes());
+        let mut b = VecBuf::new(&frame, 128, 64);
+        encapsulate(&out, &mut b, 14, &mut |_| {}).unwrap();
+        // Restore the inner length inside: decrypt, fix, re-encrypt is not possible from
+        // outside, so check the trim through a dummy-free round trip instead:
+        let loc = locate_esp(b.data(), 14, &[]).unwrap();
+        let mut r = b.clone();
+        let _ = decapsulate(&inb, &mut r, &loc).unwrap();
+        assert_eq!(r.data().len(), frame.len(), "inner length honoured");
+        // A dummy packet (next header 59) is authentic but never delivered.
+        let mut dummy = VecBuf::new(&eth(0x0800, &ipv4_udp(b"d", 0)), 128, 64);
+        let tr = sa(
+            Direction::Out,
+            Mode::Transport,
+            Encap::None,
+            AeadAlg::Aes128Gcm16,
+            false,
+        );
+        let rx = sa(
+            Direction::In,
+            Mode::Transport,
+            Encap::None,
+            AeadAlg::Aes128Gcm16,
+            false,
+        );
+        {
+            let d = dummy.data_mut();
+            d[14 + 9] = PROTO_NONE;
+            ipv4_checksum(&mut d[14..34]);
+        }
+        encapsulate(&tr, &mut dummy, 14, &mut |_| {}).unwrap();
+        let loc = locate_esp(dummy.data(), 14, &[]).unwrap();
+        assert_eq!(decapsulate(&rx, &mut dummy, &loc), Err(DecapError::Dummy));
+        // ESP in UDP for an SA without UDP encapsulation is refused before crypto.
+        let u = sa(
+            Direction::Out,
+            Mode::Transport,
+            Encap::Udp {
+                sport: 4500,
+                dport: 4500,
+            },
+            AeadAlg::Aes128Gcm16,
+            false,
+        );
+        let mut w = VecBuf::new(&eth(0x0800, &ipv4_udp(b"u", 0)), 128, 64);
+        encapsulate(&u, &mut w, 14, &mut |_| {}).unwrap();
+        let loc = locate_esp(w.data(), 14, &[NAT_T_PORT]).unwrap();
+        assert_eq!(decapsulate(&rx, &mut w, &loc), Err(DecapError::WrongEncap));
     }
 
     #[test]

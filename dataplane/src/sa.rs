@@ -536,11 +536,16 @@ mod tests {
             x ^= x << 17;
             x
         };
-        for alg in [AeadAlg::Aes128Gcm16, AeadAlg::Aes256Gcm16, AeadAlg::ChaCha20Poly1305] {
+        for alg in [
+            AeadAlg::Aes128Gcm16,
+            AeadAlg::Aes256Gcm16,
+            AeadAlg::ChaCha20Poly1305,
+        ] {
             for round in 0..40 {
                 let esn = round % 2 == 0;
                 let mut p = params(alg, esn);
-                p.key_material = Zeroizing::new((0..alg.key_len() + 4).map(|_| rnd() as u8).collect());
+                p.key_material =
+                    Zeroizing::new((0..alg.key_len() + 4).map(|_| rnd() as u8).collect());
                 p.spi = rnd() as u32 | 0x100;
                 let sa = Sa::new(p.clone(), 0).unwrap();
                 let seq = if esn { rnd() >> 1 } else { rnd() as u32 as u64 };
@@ -563,9 +568,11 @@ mod tests {
                     AeadAlg::Aes256Gcm16 => aes_gcm::Aes256Gcm::new_from_slice(key)
                         .unwrap()
                         .encrypt_in_place_detached(&nonce.into(), &aad[..n], &mut theirs),
-                    AeadAlg::ChaCha20Poly1305 => chacha20poly1305::ChaCha20Poly1305::new_from_slice(key)
-                        .unwrap()
-                        .encrypt_in_place_detached(&nonce.into(), &aad[..n], &mut theirs),
+                    AeadAlg::ChaCha20Poly1305 => {
+                        chacha20poly1305::ChaCha20Poly1305::new_from_slice(key)
+                            .unwrap()
+                            .encrypt_in_place_detached(&nonce.into(), &aad[..n], &mut theirs)
+                    }
                 }
                 .unwrap();
                 assert_eq!(ours, theirs, "{alg:?} ciphertext, len {len}");

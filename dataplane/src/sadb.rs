@@ -137,6 +137,9 @@ struct Slots {
 /// The SA database shared by the workers and whoever installs SAs.
 pub struct Sadb {
     table: ArcSwap<SaTable>,
+    /// Whether any inbound SA is installed (lets a rule-less inbound direction
+    /// stay a plain wire only when no ESP can be for us).
+    has_inbound: std::sync::atomic::AtomicBool,
     /// Serialises writers (the control path); readers never take it.
     slots: Mutex<Slots>,
     workers: usize,
@@ -146,6 +149,7 @@ impl Sadb {
     pub fn new(workers: usize) -> Sadb {
         Sadb {
             table: ArcSwap::from_pointee(SaTable::default()),
+            has_inbound: std::sync::atomic::AtomicBool::new(false),
             slots: Mutex::new(Slots::default()),
             workers: workers.max(1),
         }
@@ -155,6 +159,11 @@ impl Sadb {
     #[inline]
     pub fn load(&self) -> arc_swap::Guard<Arc<SaTable>> {
         self.table.load()
+    }
+
+    #[inline]
+    pub fn has_inbound(&self) -> bool {
+        self.has_inbound.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The slot of an SA name in a direction, assigned on first use.
@@ -238,7 +247,10 @@ impl Sadb {
             }
         }
         next.rebuild_index();
+        let inbound = next.inbound.iter().any(|s| s.is_some());
         self.table.store(Arc::new(next));
+        self.has_inbound
+            .store(inbound, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }

@@ -94,6 +94,9 @@ struct Scratch {
     v6: [KeyV6; MAX_BURST],
     v6_at: [u16; MAX_BURST],
     verdicts: [Verdict; MAX_BURST],
+    /// Each frame's verdict, and whether it has one still to act on.
+    frame_verdict: [Verdict; MAX_BURST],
+    pending: [bool; MAX_BURST],
     /// Offset of each frame's IP header.
     l3: [u16; MAX_BURST],
     /// Inbound: the frame was ESP, decrypted with the SA in this slot (u32::MAX: not ESP).
@@ -142,6 +145,7 @@ impl Tally {
 fn encap_drop(e: EncapError) -> DropReason {
     match e {
         EncapError::NoRoom | EncapError::TooBig => DropReason::Oversize,
+        EncapError::Fragment => DropReason::Fragment,
         EncapError::Malformed => DropReason::Malformed,
         EncapError::Expired => DropReason::Expired,
     }
@@ -153,6 +157,8 @@ fn decap_drop(e: DecapError) -> DropReason {
         DecapError::Expired => DropReason::Expired,
         DecapError::Replay(ReplayError::Duplicate | ReplayError::TooOld) => DropReason::Replay,
         DecapError::Icv => DropReason::Icv,
+        DecapError::Dummy => DropReason::Dummy,
+        DecapError::WrongEncap => DropReason::NoSa,
     }
 }
 
@@ -168,6 +174,8 @@ impl Worker {
             v6: [KeyV6::default(); MAX_BURST],
             v6_at: [0; MAX_BURST],
             verdicts: [Verdict::Bypass; MAX_BURST],
+            frame_verdict: [Verdict::Bypass; MAX_BURST],
+            pending: [false; MAX_BURST],
             l3: [0; MAX_BURST],
             from_sa: [NOT_ESP; MAX_BURST],
             cache_v4: (n > 0).then(|| [FlowCache::new(n), FlowCache::new(n)]),
@@ -229,8 +237,9 @@ impl Worker {
             return 0;
         }
         let c = &self.counters;
-        if self.filter.is_wire(dir) {
-            // No rule in this direction and default bypass: a plain wire.
+        if self.filter.is_wire(dir) && (dir == Direction::Out || !self.sadb.has_inbound()) {
+            // No rule in this direction and default bypass (and, inbound, no SA
+            // that ESP could be for): a plain wire.
             let (out, rx_bytes) = burst.forward_all(tx);
             c.rx[rx_side as usize].add(n as u64, rx_bytes);
             c.tx[tx_side as usize].add(out.sent as u64, out.sent_bytes);
@@ -249,6 +258,7 @@ impl Worker {
             let len = burst.pkt_len(i);
             t.rx_bytes += len as u64;
             s.keep[i] = false;
+            s.pending[i] = false;
             s.from_sa[i] = NOT_ESP;
             // Parse straight into the next free batch slot of each family.
             let kind = parse_into(burst.frame(i), len as usize, &mut s.v4[n4], &mut s.v6[n6]);
@@ -298,7 +308,33 @@ impl Worker {
                                     s.v6_at[n6] = i as u16;
                                     n6 += 1;
                                 }
-                                // Inner fragments or garbage cannot be checked against the SA's selectors.
+                                // Non-initial fragments of the inner packet: checked by
+                                // addresses and protocol (RFC 4301 §7.1), like any fragment.
+                                FrameKind::V4 { fragment: true, l3 } => {
+                                    s.l3[i] = l3;
+                                    let mut v = [Verdict::DefaultDiscard];
+                                    self.filter.classify_v4(
+                                        dir,
+                                        true,
+                                        std::slice::from_ref(&s.v4[n4]),
+                                        &mut v,
+                                    );
+                                    s.frame_verdict[i] = v[0];
+                                    s.pending[i] = true;
+                                }
+                                FrameKind::V6 { fragment: true, l3 } => {
+                                    s.l3[i] = l3;
+                                    let mut v = [Verdict::DefaultDiscard];
+                                    self.filter.classify_v6(
+                                        dir,
+                                        true,
+                                        std::slice::from_ref(&s.v6[n6]),
+                                        &mut v,
+                                    );
+                                    s.frame_verdict[i] = v[0];
+                                    s.pending[i] = true;
+                                }
+                                // Garbage inside cannot be checked against the SA's selectors.
                                 _ => {
                                     t.drop(DropReason::PolicyMismatch);
                                 }
@@ -319,7 +355,8 @@ impl Worker {
                     self.filter
                         .classify_v6(dir, true, std::slice::from_ref(&s.v6[n6]), &mut v);
                 }
-                s.keep[i] = self.apply(dir, v[0], &table, burst, i, l3, NOT_ESP, &mut t);
+                s.frame_verdict[i] = v[0];
+                s.pending[i] = true;
             } else if v4 {
                 s.v4_at[n4] = i as u16;
                 n4 += 1;
@@ -342,16 +379,8 @@ impl Worker {
             }
             for j in 0..n4 {
                 let i = s.v4_at[j] as usize;
-                s.keep[i] = self.apply(
-                    dir,
-                    s.verdicts[j],
-                    &table,
-                    burst,
-                    i,
-                    s.l3[i],
-                    s.from_sa[i],
-                    &mut t,
-                );
+                s.frame_verdict[i] = s.verdicts[j];
+                s.pending[i] = true;
             }
         }
         if n6 > 0 {
@@ -368,9 +397,17 @@ impl Worker {
             }
             for j in 0..n6 {
                 let i = s.v6_at[j] as usize;
+                s.frame_verdict[i] = s.verdicts[j];
+                s.pending[i] = true;
+            }
+        }
+        // Act on the verdicts in arrival order, so that sequence numbers (and
+        // hand-offs) follow the order the frames leave in.
+        for i in 0..n {
+            if s.pending[i] {
                 s.keep[i] = self.apply(
                     dir,
-                    s.verdicts[j],
+                    s.frame_verdict[i],
                     &table,
                     burst,
                     i,
@@ -626,12 +663,14 @@ impl Worker {
                 let (mut k4, mut k6) = (KeyV4::default(), KeyV6::default());
                 let mut v = [Verdict::DefaultDiscard];
                 match parse_into(buf.data(), len, &mut k4, &mut k6) {
-                    FrameKind::V4 {
-                        fragment: false, ..
-                    } => self.filter.classify_v4(Direction::In, false, &[k4], &mut v),
-                    FrameKind::V6 {
-                        fragment: false, ..
-                    } => self.filter.classify_v6(Direction::In, false, &[k6], &mut v),
+                    FrameKind::V4 { fragment, .. } => {
+                        self.filter
+                            .classify_v4(Direction::In, fragment, &[k4], &mut v)
+                    }
+                    FrameKind::V6 { fragment, .. } => {
+                        self.filter
+                            .classify_v6(Direction::In, fragment, &[k6], &mut v)
+                    }
                     _ => return t.drop(DropReason::PolicyMismatch),
                 }
                 match v[0] {
