@@ -409,6 +409,43 @@ fn take_seq(sa: &Sa, on_event: &mut dyn FnMut(SaEvent)) -> Result<u64, EncapErro
     }
 }
 
+/// Makes room for ESP around the `payload_len` bytes that end the IP packet
+/// (`ip_len` bytes, ESP's payload in tunnel mode being all of it): moves the
+/// `front` bytes before the payload (L2, and in transport mode the IP header)
+/// `added` bytes into the headroom, appends the trailer and room for the ICV,
+/// and takes the sequence number once nothing can fail any more. Returns it
+/// and the new IP length (counting `added` as new IP bytes).
+#[allow(clippy::too_many_arguments)]
+fn make_room<B: PacketBuf>(
+    sa: &Sa,
+    buf: &mut B,
+    front: usize,
+    added: usize,
+    ip_len: usize,
+    payload_len: usize,
+    next_header: u8,
+    on_event: &mut dyn FnMut(SaEvent),
+) -> Result<(u64, usize), EncapError> {
+    let new_total = ip_len + added + trailer_len(payload_len);
+    if new_total > 65535 {
+        return Err(EncapError::TooBig);
+    }
+    if buf.headroom() < added || buf.tailroom() < trailer_len(payload_len) {
+        return Err(EncapError::NoRoom);
+    }
+    let seq = take_seq(sa, on_event)?;
+    let grown = buf.prepend(added) && {
+        buf.data_mut().copy_within(added..added + front, 0);
+        add_trailer(buf, payload_len, next_header).is_ok()
+    };
+    // The room was checked above, so this cannot fail with a sound buffer; if
+    // one refuses anyway the frame (now half-moved) is dropped, never sent.
+    if !grown {
+        return Err(EncapError::NoRoom);
+    }
+    Ok((seq, new_total))
+}
+
 /// Bytes the trailer (padding, pad length, next header) and ICV add after `payload_len`.
 fn trailer_len(payload_len: usize) -> usize {
     (4 - (payload_len + 2) % 4) % 4 + 2 + ICV_LEN
@@ -499,26 +536,16 @@ fn encap_transport<B: PacketBuf>(
     };
     let payload_len = total - hdr_len;
     let added_front = udp_len + ESP_HEADER + IV_LEN;
-    let new_total = total + added_front + trailer_len(payload_len);
-    if new_total > 65535 {
-        return Err(EncapError::TooBig);
-    }
-    if buf.headroom() < added_front || buf.tailroom() < trailer_len(payload_len) {
-        return Err(EncapError::NoRoom);
-    }
-    let seq = take_seq(sa, on_event)?;
-    if !buf.prepend(added_front) {
-        return Err(EncapError::NoRoom);
-    }
-    // Move the L2 and IP headers to the new front; the payload stays in place.
-    buf.data_mut()
-        .copy_within(added_front..added_front + l2_len + hdr_len, 0);
-    if let Err(e) = add_trailer(buf, payload_len, next_header) {
-        // Undo the move so the caller can drop the intact frame.
-        buf.data_mut().copy_within(0..l2_len + hdr_len, added_front);
-        buf.adj(added_front);
-        return Err(e);
-    }
+    let (seq, new_total) = make_room(
+        sa,
+        buf,
+        l2_len + hdr_len,
+        added_front,
+        total,
+        payload_len,
+        next_header,
+        on_event,
+    )?;
     let d = buf.data_mut();
     let ip = l2_len;
     let esp = ip + hdr_len + udp_len;
@@ -566,25 +593,17 @@ fn encap_tunnel<B: PacketBuf>(
     let outer_v6 = dst.is_ipv6();
     let outer_len = if outer_v6 { 40 } else { 20 };
     let added_front = outer_len + udp_len + ESP_HEADER + IV_LEN;
-    let new_total = total + added_front + trailer_len(total);
-    if new_total > 65535 {
-        return Err(EncapError::TooBig);
-    }
-    if buf.headroom() < added_front || buf.tailroom() < trailer_len(total) {
-        return Err(EncapError::NoRoom);
-    }
-    let seq = take_seq(sa, on_event)?;
-    if !buf.prepend(added_front) {
-        return Err(EncapError::NoRoom);
-    }
-    buf.data_mut()
-        .copy_within(added_front..added_front + l2_len, 0);
     let next_header = if inner_v6 { PROTO_IPV6 } else { PROTO_IPIP };
-    if let Err(e) = add_trailer(buf, total, next_header) {
-        buf.data_mut().copy_within(0..l2_len, added_front);
-        buf.adj(added_front);
-        return Err(e);
-    }
+    let (seq, new_total) = make_room(
+        sa,
+        buf,
+        l2_len,
+        added_front,
+        total,
+        total,
+        next_header,
+        on_event,
+    )?;
     let d = buf.data_mut();
     // The L2 header's last ethertype (after any VLAN tags) names the outer family.
     put16(d, l2_len - 2, if outer_v6 { 0x86dd } else { 0x0800 });
