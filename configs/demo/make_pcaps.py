@@ -8,7 +8,7 @@ Run: /usr/bin/python3 configs/demo/make_pcaps.py
 """
 import os
 from scapy.layers.ipsec import ESP, SecurityAssociation
-from scapy.all import ARP, Dot1Q, Ether, ICMP, ICMPv6EchoRequest, ICMPv6ND_NS, IP, IPv6, TCP, UDP, Raw, wrpcap
+from scapy.all import DNS, DNSQR, ARP, Dot1Q, Ether, ICMP, ICMPv6EchoRequest, ICMPv6ND_NS, IP, IPv6, TCP, UDP, Raw, wrpcap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T = "02:00:00:00:00:01"  # a terminal
@@ -27,7 +27,7 @@ inside = [
     Ether(src=T, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc="10.0.0.1", pdst="10.0.0.254"),
     out(IP(src="10.0.0.1", dst="198.51.100.10") / TCP(sport=40000, dport=443) / Raw(b"web")),
     out(IP(src="10.0.0.1", dst="10.1.2.3") / TCP(sport=40001, dport=22) / Raw(b"to hq")),
-    out(IP(src="10.0.0.1", dst="203.0.113.5") / UDP(sport=5000, dport=53) / Raw(b"dns")),
+    out(IP(src="10.0.0.1", dst="203.0.113.5") / UDP(sport=5000, dport=53) / DNS(rd=1, qd=DNSQR(qname="example.com"))),
     out(IP(src="10.0.0.1", dst="203.0.113.5") / TCP(sport=5001, dport=23) / Raw(b"telnet")),
     out(IPv6(src="2001:db8:a::1", dst="2001:db8:f::9") / ICMPv6EchoRequest()),
     out(IPv6(src="2001:db8:a::1", dst="ff02::1:ff00:9") / ICMPv6ND_NS(tgt="2001:db8:a::9")),
