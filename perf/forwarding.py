@@ -94,11 +94,12 @@ def _csum(data):
     return (~s) & 0xFFFF
 
 
-def udp_frame(flow, ident):
-    """One flow's frame: Ethernet/IPv4/UDP, FRAME_LEN bytes, correct IP and UDP checksums."""
+def udp_frame(flow, ident, length=FRAME_LEN):
+    """One flow's frame: Ethernet/IPv4/UDP, `length` bytes (without FCS), correct IP and UDP
+    checksums."""
     src, dst, sport, dport = flow
     src, dst = struct.pack("!I", src), struct.pack("!I", dst)
-    payload = bytes(FRAME_LEN - 14 - 20 - 8)
+    payload = bytes(length - 14 - 20 - 8)
     udp_len = 8 + len(payload)
     ip_len = 20 + udp_len
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, ident & 0xFFFF, 0, 64, 17, 0, src, dst)
@@ -109,15 +110,16 @@ def udp_frame(flow, ident):
     udp = udp[:6] + struct.pack("!H", c) + udp[8:]
     eth = bytes.fromhex("020000000002" "020000000001") + struct.pack("!H", 0x0800)
     frame = eth + ip + udp
-    assert len(frame) == FRAME_LEN
+    assert len(frame) == length
     return frame
 
 
-def write_pcap(path, flow_list):
+def write_pcap(path, flow_list, lengths=(FRAME_LEN,)):
+    """One frame per flow; frame i is lengths[i % len(lengths)] bytes long (without FCS)."""
     with open(path, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
         for i, fl in enumerate(flow_list):
-            fr = udp_frame(fl, i)
+            fr = udp_frame(fl, i, lengths[i % len(lengths)])
             f.write(struct.pack("<IIII", i // 1000000, i % 1000000, len(fr), len(fr)))
             f.write(fr)
 
