@@ -939,17 +939,7 @@ def main():
         md = render(res)
         print(md)
         if args.save:
-            os.makedirs(RESULTS, exist_ok=True)
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            base_name = os.path.join(RESULTS, "esp-%s" % stamp)
-            with open(base_name + ".json", "w") as f:
-                json.dump(res, f, indent=1)
-                f.write("\n")
-            for path in (base_name + ".md", os.path.join(RESULTS, "esp-latest.md")):
-                with open(path, "w") as f:
-                    f.write(md)
-            print("saved %s.json, .md and perf/results/esp-latest.md" % os.path.relpath(base_name, ROOT),
-                  file=sys.stderr)
+            fw.save_results("esp", res, md)
         if insane:
             print("FAIL: implausible or failed results: " + "; ".join(insane), file=sys.stderr)
             return 1

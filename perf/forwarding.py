@@ -661,6 +661,21 @@ def classbench_trace(path, flow_list):
 # ---------------------------------------------------------------------------- report
 
 
+def save_results(name, res, md):
+    """Writes perf/results/<name>-<stamp>.json and .md, and <name>-latest.md."""
+    os.makedirs(RESULTS, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base_name = os.path.join(RESULTS, "%s-%s" % (name, stamp))
+    with open(base_name + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+        f.write("\n")
+    for path in (base_name + ".md", os.path.join(RESULTS, "%s-latest.md" % name)):
+        with open(path, "w") as f:
+            f.write(md)
+    print("saved %s.json, .md and perf/results/%s-latest.md" % (os.path.relpath(base_name, ROOT), name),
+          file=sys.stderr)
+
+
 def summarise(values):
     return {
         "median": statistics.median(values),
@@ -1264,17 +1279,7 @@ def main():
         md = render(res)
         print(md)
         if args.save:
-            os.makedirs(RESULTS, exist_ok=True)
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            base_name = os.path.join(RESULTS, "forwarding-%s" % stamp)
-            with open(base_name + ".json", "w") as f:
-                json.dump(res, f, indent=1)
-                f.write("\n")
-            for path in (base_name + ".md", os.path.join(RESULTS, "forwarding-latest.md")):
-                with open(path, "w") as f:
-                    f.write(md)
-            print("saved %s.json, .md and perf/results/forwarding-latest.md" % os.path.relpath(base_name, ROOT),
-                  file=sys.stderr)
+            save_results("forwarding", res, md)
         if insane:
             print("FAIL: implausible or failed results: " + "; ".join(insane), file=sys.stderr)
             return 1

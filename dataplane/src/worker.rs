@@ -275,7 +275,6 @@ impl Worker {
                 FrameKind::V4 { fragment, l3 } => (l3, fragment, true),
                 FrameKind::V6 { fragment, l3 } => (l3, fragment, false),
             };
-            s.l3[i] = l3;
             if dir == Direction::In && !fragment {
                 let (proto, dport) = if v4 {
                     (s.v4[n4].proto, u16::from_be_bytes(s.v4[n4].dport))
@@ -292,47 +291,11 @@ impl Worker {
                             s.from_sa[i] = slot;
                             let len = burst.pkt_len(i) as usize;
                             match parse_into(burst.frame(i), len, &mut s.v4[n4], &mut s.v6[n6]) {
-                                FrameKind::V4 {
-                                    fragment: false,
-                                    l3,
-                                } => {
-                                    s.l3[i] = l3;
-                                    s.v4_at[n4] = i as u16;
-                                    n4 += 1;
+                                FrameKind::V4 { fragment, l3 } => {
+                                    self.queue(dir, s, i, true, fragment, l3, &mut n4, &mut n6)
                                 }
-                                FrameKind::V6 {
-                                    fragment: false,
-                                    l3,
-                                } => {
-                                    s.l3[i] = l3;
-                                    s.v6_at[n6] = i as u16;
-                                    n6 += 1;
-                                }
-                                // Non-initial fragments of the inner packet: checked by
-                                // addresses and protocol (RFC 4301 §7.1), like any fragment.
-                                FrameKind::V4 { fragment: true, l3 } => {
-                                    s.l3[i] = l3;
-                                    let mut v = [Verdict::DefaultDiscard];
-                                    self.filter.classify_v4(
-                                        dir,
-                                        true,
-                                        std::slice::from_ref(&s.v4[n4]),
-                                        &mut v,
-                                    );
-                                    s.frame_verdict[i] = v[0];
-                                    s.pending[i] = true;
-                                }
-                                FrameKind::V6 { fragment: true, l3 } => {
-                                    s.l3[i] = l3;
-                                    let mut v = [Verdict::DefaultDiscard];
-                                    self.filter.classify_v6(
-                                        dir,
-                                        true,
-                                        std::slice::from_ref(&s.v6[n6]),
-                                        &mut v,
-                                    );
-                                    s.frame_verdict[i] = v[0];
-                                    s.pending[i] = true;
+                                FrameKind::V6 { fragment, l3 } => {
+                                    self.queue(dir, s, i, false, fragment, l3, &mut n4, &mut n6)
                                 }
                                 // Garbage inside cannot be checked against the SA's selectors.
                                 _ => {
@@ -344,26 +307,7 @@ impl Worker {
                     }
                 }
             }
-            if fragment {
-                // Non-initial fragments are rare: classify them one by one in the
-                // fragment tries (their slot is reused by the next packet).
-                let mut v = [Verdict::Bypass];
-                if v4 {
-                    self.filter
-                        .classify_v4(dir, true, std::slice::from_ref(&s.v4[n4]), &mut v);
-                } else {
-                    self.filter
-                        .classify_v6(dir, true, std::slice::from_ref(&s.v6[n6]), &mut v);
-                }
-                s.frame_verdict[i] = v[0];
-                s.pending[i] = true;
-            } else if v4 {
-                s.v4_at[n4] = i as u16;
-                n4 += 1;
-            } else {
-                s.v6_at[n6] = i as u16;
-                n6 += 1;
-            }
+            self.queue(dir, s, i, v4, fragment, l3, &mut n4, &mut n6);
         }
         if n4 > 0 {
             match &mut s.cache_v4 {
@@ -378,9 +322,7 @@ impl Worker {
                     .classify_v4(dir, false, &s.v4[..n4], &mut s.verdicts[..n4]),
             }
             for j in 0..n4 {
-                let i = s.v4_at[j] as usize;
-                s.frame_verdict[i] = s.verdicts[j];
-                s.pending[i] = true;
+                s.frame_verdict[s.v4_at[j] as usize] = s.verdicts[j];
             }
         }
         if n6 > 0 {
@@ -396,9 +338,7 @@ impl Worker {
                     .classify_v6(dir, false, &s.v6[..n6], &mut s.verdicts[..n6]),
             }
             for j in 0..n6 {
-                let i = s.v6_at[j] as usize;
-                s.frame_verdict[i] = s.verdicts[j];
-                s.pending[i] = true;
+                s.frame_verdict[s.v6_at[j] as usize] = s.verdicts[j];
             }
         }
         // Act on the verdicts in arrival order, so that sequence numbers (and
@@ -430,6 +370,44 @@ impl Worker {
             c.flow_cache_misses.set(misses);
         }
         n
+    }
+
+    /// Queues frame `i`, whose key was parsed into slot n4 (IPv4) or n6 (IPv6),
+    /// for a verdict: whole packets join the burst's batch; non-initial
+    /// fragments (rare) are classified now in the port-agnostic fragment tries,
+    /// their slot left for the next frame.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn queue(
+        &self,
+        dir: Direction,
+        s: &mut Scratch,
+        i: usize,
+        v4: bool,
+        fragment: bool,
+        l3: u16,
+        n4: &mut usize,
+        n6: &mut usize,
+    ) {
+        s.l3[i] = l3;
+        s.pending[i] = true;
+        if fragment {
+            let mut v = [Verdict::DefaultDiscard];
+            if v4 {
+                self.filter
+                    .classify_v4(dir, true, std::slice::from_ref(&s.v4[*n4]), &mut v);
+            } else {
+                self.filter
+                    .classify_v6(dir, true, std::slice::from_ref(&s.v6[*n6]), &mut v);
+            }
+            s.frame_verdict[i] = v[0];
+        } else if v4 {
+            s.v4_at[*n4] = i as u16;
+            *n4 += 1;
+        } else {
+            s.v6_at[*n6] = i as u16;
+            *n6 += 1;
+        }
     }
 
     fn publish(&self, t: &Tally, tx_side: PortSide, out: crate::dpdk::TxOutcome) {
