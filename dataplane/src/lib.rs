@@ -15,7 +15,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod app;
-pub mod config;
+pub use bitw_common::config;
 pub mod counters;
 pub mod dpdk;
 pub mod esp;

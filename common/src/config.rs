@@ -14,8 +14,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::filter::{Action, Direction, PortRange, Prefix, Protocol, Rule};
-use crate::sa::{AeadAlg, Encap, Limits, Mode, SaParams, NAT_T_PORT_DEFAULT};
+use crate::rules::{Action, Direction, PortRange, Prefix, Protocol, Rule};
+use crate::sa_params::{AeadAlg, Encap, Limits, Mode, SaParams, NAT_T_PORT_DEFAULT};
 
 /// Largest burst a worker asks of a port (and the size of its per-burst arrays).
 pub const MAX_BURST: usize = 256;
@@ -806,7 +806,7 @@ fn load_sas(ctx: &Ctx, raw: Vec<RawSa>, policies: &[Rule]) -> Result<Vec<SaParam
                 format!("{}: {m}", r.key_file.get_ref().display()),
             )
         })?;
-        let want = alg.key_len() + crate::sa::SALT_LEN;
+        let want = alg.key_len() + crate::sa_params::SALT_LEN;
         if key_material.len() != want {
             return ctx.err(
                 r.key_file.span(),

@@ -1,0 +1,10 @@
+//! What `bitw-dataplane` and `bitw-control` share, free of DPDK:
+//! - [`config`]: the one TOML file both read, validated with file/line/field messages.
+//! - [`rules`]: filter rules (directions, prefixes, protocols, ports, actions).
+//! - [`sa_params`]: what defines an SA (transform, mode, encapsulation, keys, lifetimes).
+//! - [`proto`]: the versioned control channel between the two processes.
+
+pub mod config;
+pub mod proto;
+pub mod rules;
+pub mod sa_params;
