@@ -7,13 +7,15 @@
 //! keep the field's span (`toml::Spanned`) and compute the line from it.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+use crate::channel::{Endpoint, TlsFiles};
 use crate::rules::{Action, Direction, PortRange, Prefix, Protocol, Rule};
 use crate::sa_params::{AeadAlg, Encap, Limits, Mode, SaParams, NAT_T_PORT_DEFAULT};
 
@@ -96,6 +98,65 @@ pub struct Config {
     pub policies: Vec<Rule>,
     /// Static SAs, keys loaded from their key files.
     pub sas: Vec<SaParams>,
+    /// The control channel, admin socket and exporter (`[control]`).
+    pub control: ControlConfig,
+    /// Terminals bitw acts for (`[[terminal]]`).
+    pub terminals: Vec<Terminal>,
+}
+
+/// `[control]`: how the two processes and the administrator reach each other.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlConfig {
+    /// Where the dataplane listens and control connects: a Unix socket path
+    /// or `tls://host:port`.
+    pub socket: Endpoint,
+    /// Permissions of a Unix `socket` (default 0600).
+    pub socket_mode: u32,
+    /// Mutual TLS for a `tls://` socket.
+    pub tls: Option<TlsFiles>,
+    /// Where control serves bitwctl.
+    pub admin_socket: PathBuf,
+    pub admin_socket_mode: u32,
+    /// The Prometheus exporter's address; `None` = off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Per-SA metric series are exported for at most this many SAs.
+    pub metrics_sa_limit: usize,
+    /// Packets held (all SAs together) while an SA is being negotiated;
+    /// the oldest is dropped when full.
+    pub hold_packets: usize,
+    /// Held packets are dropped after this long without their SA.
+    pub hold_timeout: Duration,
+    /// An acquire is repeated for the same flow at most this often.
+    pub acquire_interval: Duration,
+    /// Control's liveness check of the dataplane link, and its reconnect pace.
+    pub ping_interval: Duration,
+    pub reconnect_interval: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: Endpoint::Unix(PathBuf::from("/run/bitw/dataplane.sock")),
+            socket_mode: 0o600,
+            tls: None,
+            admin_socket: PathBuf::from("/run/bitw/control.sock"),
+            admin_socket_mode: 0o600,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9469))),
+            metrics_sa_limit: 1000,
+            hold_packets: 1024,
+            hold_timeout: Duration::from_secs(5),
+            acquire_interval: Duration::from_secs(1),
+            ping_interval: Duration::from_secs(2),
+            reconnect_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// `[[terminal]]`: a device behind port `inside` that bitw speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terminal {
+    pub name: String,
+    pub address: IpAddr,
 }
 
 // ---- raw shapes, as they are written in the file ----
@@ -110,6 +171,104 @@ struct RawConfig {
     policy: Vec<RawPolicy>,
     #[serde(default)]
     sa: Vec<RawSa>,
+    control: Option<RawControl>,
+    #[serde(default)]
+    terminal: Vec<RawTerminal>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<Spanned<String>>,
+    socket_mode: Option<Spanned<IntOrStrMode>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_server_name: Option<String>,
+    admin_socket: Option<Spanned<PathBuf>>,
+    admin_socket_mode: Option<Spanned<IntOrStrMode>>,
+    metrics_listen: Option<Spanned<String>>,
+    metrics_sa_limit: Option<usize>,
+    hold_packets: Option<Spanned<usize>>,
+    hold_timeout: Option<Spanned<DurationValue>>,
+    acquire_interval: Option<Spanned<DurationValue>>,
+    ping_interval: Option<Spanned<DurationValue>>,
+    reconnect_interval: Option<Spanned<DurationValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTerminal {
+    name: Spanned<String>,
+    address: Spanned<IpAddr>,
+}
+
+/// A file mode: `"0600"` / `"0o660"` (octal strings) or a number.
+struct IntOrStrMode(u32);
+
+impl<'de> Deserialize<'de> for IntOrStrMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(IntOrStr {
+            expecting: "a file mode such as \"0600\"",
+            from_int: |n| {
+                u32::try_from(n)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .map(IntOrStrMode)
+                    .ok_or_else(|| {
+                        format!("{n} is not a file mode; write it as a string, \"0600\"")
+                    })
+            },
+            from_str: |text| {
+                let t = text.trim();
+                let t = t.strip_prefix("0o").unwrap_or(t);
+                u32::from_str_radix(t, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .map(IntOrStrMode)
+                    .ok_or_else(|| {
+                        format!("`{text}` is not a file mode such as \"0600\" or \"0660\"")
+                    })
+            },
+        })
+    }
+}
+
+/// A duration: `"500ms"`, `"5s"`, `"2m"`, `"4h"`, `"1d"`, or a number of seconds.
+pub struct DurationValue(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(IntOrStr {
+            expecting: "a duration such as \"5s\"",
+            from_int: |n| {
+                u64::try_from(n)
+                    .map(|s| DurationValue(Duration::from_secs(s)))
+                    .map_err(|_| format!("{n} is not a duration"))
+            },
+            from_str: |t| parse_duration(t).map(DurationValue),
+        })
+    }
+}
+
+/// Parses `"500ms"`, `"5s"`, `"2m"`, `"4h"`, `"1d"` (or bare seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || {
+        format!("`{text}` is not a duration such as \"500ms\", \"5s\", \"2m\", \"4h\" or \"1d\"")
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
 }
 
 #[derive(Deserialize)]
@@ -672,6 +831,8 @@ impl Config {
         }
 
         let sas = load_sas(&ctx, raw.sa, &policies)?;
+        let control = load_control(&ctx, raw.control)?;
+        let terminals = load_terminals(&ctx, raw.terminal)?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -681,8 +842,145 @@ impl Config {
             outside,
             policies,
             sas,
+            control,
+            terminals,
         })
     }
+}
+
+fn load_control(ctx: &Ctx, raw: Option<RawControl>) -> Result<ControlConfig, ConfigError> {
+    let mut c = ControlConfig::default();
+    let Some(r) = raw else { return Ok(c) };
+    if let Some(s) = &r.socket {
+        c.socket = s
+            .get_ref()
+            .parse()
+            .or_else(|e| ctx.err(s.span(), "control.socket".into(), e))?;
+    }
+    if let Some(m) = r.socket_mode {
+        c.socket_mode = m.into_inner().0;
+    }
+    if let Some(m) = r.admin_socket_mode {
+        c.admin_socket_mode = m.into_inner().0;
+    }
+    let tls_given = [
+        r.tls_cert.is_some(),
+        r.tls_key.is_some(),
+        r.tls_ca.is_some(),
+    ];
+    match (r.tls_cert, r.tls_key, r.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            c.tls = Some(TlsFiles {
+                cert,
+                key,
+                ca,
+                server_name: r.tls_server_name,
+            })
+        }
+        _ if tls_given.iter().any(|g| *g) => {
+            return Err(ConfigError {
+                file: ctx.file.to_path_buf(),
+                line: None,
+                field: Some("control.tls_cert".into()),
+                message: "mutual TLS needs all three of tls_cert, tls_key and tls_ca".into(),
+            })
+        }
+        _ => {}
+    }
+    if let (Endpoint::Tls(_), None, Some(s)) = (&c.socket, &c.tls, &r.socket) {
+        return ctx.err(
+            s.span(),
+            "control.socket".into(),
+            "a tls:// socket needs tls_cert, tls_key and tls_ca in [control]".into(),
+        );
+    }
+    if let Some(a) = r.admin_socket {
+        if a.get_ref().as_os_str().is_empty() {
+            return ctx.err(a.span(), "control.admin_socket".into(), "empty path".into());
+        }
+        c.admin_socket = a.into_inner();
+    }
+    if let Some(m) = &r.metrics_listen {
+        let t = m.get_ref().trim();
+        c.metrics_listen = if t.is_empty() || t == "off" {
+            None
+        } else {
+            Some(t.parse().or_else(|_| {
+                ctx.err(
+                    m.span(),
+                    "control.metrics_listen".into(),
+                    format!("`{t}` is not an address:port such as 127.0.0.1:9469 (or \"off\")"),
+                )
+            })?)
+        };
+    }
+    if let Some(n) = r.metrics_sa_limit {
+        c.metrics_sa_limit = n;
+    }
+    if let Some(h) = r.hold_packets {
+        if *h.get_ref() > 1 << 20 {
+            return ctx.err(
+                h.span(),
+                "control.hold_packets".into(),
+                format!("{} is more than the 1048576 allowed", h.get_ref()),
+            );
+        }
+        c.hold_packets = h.into_inner();
+    }
+    let positive = |v: Spanned<DurationValue>, field: &str| -> Result<Duration, ConfigError> {
+        if v.get_ref().0.is_zero() {
+            return ctx.err(
+                v.span(),
+                format!("control.{field}"),
+                "must be more than 0".into(),
+            );
+        }
+        Ok(v.into_inner().0)
+    };
+    if let Some(v) = r.hold_timeout {
+        c.hold_timeout = positive(v, "hold_timeout")?;
+    }
+    if let Some(v) = r.acquire_interval {
+        c.acquire_interval = positive(v, "acquire_interval")?;
+    }
+    if let Some(v) = r.ping_interval {
+        c.ping_interval = positive(v, "ping_interval")?;
+    }
+    if let Some(v) = r.reconnect_interval {
+        c.reconnect_interval = positive(v, "reconnect_interval")?;
+    }
+    Ok(c)
+}
+
+fn load_terminals(ctx: &Ctx, raw: Vec<RawTerminal>) -> Result<Vec<Terminal>, ConfigError> {
+    let mut out: Vec<Terminal> = Vec::with_capacity(raw.len());
+    for (i, t) in raw.into_iter().enumerate() {
+        let name = t.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            return ctx.err(
+                t.name.span(),
+                format!("terminal[{i}].name"),
+                "empty name".into(),
+            );
+        }
+        if out.iter().any(|o| o.name == name) {
+            return ctx.err(
+                t.name.span(),
+                format!("terminal[{i}].name"),
+                format!("terminal name `{name}` is used twice"),
+            );
+        }
+        let address = *t.address.get_ref();
+        if let Some(o) = out.iter().find(|o| o.address == address) {
+            return ctx.err(
+                t.address.span(),
+                format!("terminal[{i}].address"),
+                format!("{address} is already terminal `{}`'s address", o.name),
+            );
+        }
+        out.push(Terminal { name, address });
+    }
+    Ok(out)
 }
 
 /// Validates the `[[sa]]` tables, reads their keys, and checks that every
@@ -1238,5 +1536,73 @@ sa = "to-hq"
         assert!(is_pci_address("01:00.1"));
         assert!(!is_pci_address("net_pcap0,rx_pcap=x"));
         assert_eq!(device_name("net_pcap0,rx_pcap=x"), "net_pcap0");
+    }
+
+    const NO_RULES: &str =
+        "[ports.inside]\ndevice = \"net_null0\"\n[ports.outside]\ndevice = \"net_null1\"\n";
+
+    #[test]
+    fn control_defaults_and_values() {
+        let c = parse(NO_RULES).unwrap();
+        assert_eq!(c.control, ControlConfig::default());
+        assert!(c.terminals.is_empty());
+        let text = format!(
+            "{NO_RULES}[control]\nsocket = \"/tmp/dp.sock\"\nsocket_mode = \"0660\"\nadmin_socket = \"/tmp/ctl.sock\"\nmetrics_listen = \"127.0.0.1:19469\"\nhold_packets = 16\nhold_timeout = \"250ms\"\nacquire_interval = 2\n\n[[terminal]]\nname = \"meter\"\naddress = \"10.99.0.1\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.control.socket, Endpoint::Unix("/tmp/dp.sock".into()));
+        assert_eq!(c.control.socket_mode, 0o660);
+        assert_eq!(c.control.admin_socket, PathBuf::from("/tmp/ctl.sock"));
+        assert_eq!(
+            c.control.metrics_listen,
+            Some("127.0.0.1:19469".parse().unwrap())
+        );
+        assert_eq!(c.control.hold_packets, 16);
+        assert_eq!(c.control.hold_timeout, Duration::from_millis(250));
+        assert_eq!(c.control.acquire_interval, Duration::from_secs(2));
+        assert_eq!(
+            c.terminals[0].address,
+            "10.99.0.1".parse::<IpAddr>().unwrap()
+        );
+        let off = parse(&format!("{NO_RULES}[control]\nmetrics_listen = \"off\"\n")).unwrap();
+        assert_eq!(off.control.metrics_listen, None);
+    }
+
+    #[test]
+    fn control_errors_name_line_and_field() {
+        for (body, field, line) in [
+            ("[control]\nsocket = \"tcp://1.2.3.4:5\"\n", "control.socket", 6),
+            ("[control]\nsocket = \"tls://1.2.3.4:5\"\n", "control.socket", 6),
+            ("[control]\nsocket_mode = \"0999\"\n", "control.socket_mode", 6),
+            ("[control]\nmetrics_listen = \"localhost\"\n", "control.metrics_listen", 6),
+            ("[control]\nhold_timeout = \"5 fortnights\"\n", "control.hold_timeout", 6),
+            ("[control]\nhold_timeout = \"0s\"\n", "control.hold_timeout", 6),
+            (
+                "[[terminal]]\nname = \"a\"\naddress = \"10.0.0.1\"\n[[terminal]]\nname = \"b\"\naddress = \"10.0.0.1\"\n",
+                "terminal[1].address",
+                10,
+            ),
+            ("[[terminal]]\nname = \"a\"\naddress = \"10.0.0\"\n", "terminal[0].address", 7),
+        ] {
+            let e = parse(&format!("{NO_RULES}{body}")).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{body}: {e}");
+            assert_eq!(e.line, Some(line), "{body}: {e}");
+        }
+        let e = parse(&format!("{NO_RULES}[control]\nsokcet = \"/x\"\n")).unwrap_err();
+        assert!(
+            e.message.contains("unknown field `sokcet`") && e.line == Some(6),
+            "{e}"
+        );
+        let e = parse(&format!("{NO_RULES}[control]\ntls_cert = \"/c.pem\"\n")).unwrap_err();
+        assert!(e.message.contains("all three"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(4 * 3600)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("s").is_err());
     }
 }

@@ -3,7 +3,9 @@
 //! - [`rules`]: filter rules (directions, prefixes, protocols, ports, actions).
 //! - [`sa_params`]: what defines an SA (transform, mode, encapsulation, keys, lifetimes).
 //! - [`proto`]: the versioned control channel between the two processes.
+//! - [`channel`]: its transports (Unix socket; TCP with mutual TLS).
 
+pub mod channel;
 pub mod config;
 pub mod proto;
 pub mod rules;

@@ -6,7 +6,6 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-
 /// `out`: inside -> outside (terminals to the Internet); `in`: the reverse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -298,4 +297,3 @@ impl Rule {
             && (k.fragment || (self.sport.contains(k.sport) && self.dport.contains(k.dport)))
     }
 }
-

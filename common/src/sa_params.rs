@@ -52,7 +52,6 @@ impl AeadAlg {
             AeadAlg::Aes256Gcm16 | AeadAlg::ChaCha20Poly1305 => 32,
         }
     }
-
 }
 
 /// The UDP port of ESP-in-UDP unless an SA says otherwise (RFC 3948).
@@ -122,4 +121,3 @@ pub enum SaEvent {
     HardLifetime,
     SequenceExhausted,
 }
-
