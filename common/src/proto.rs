@@ -392,10 +392,9 @@ impl RuleSpec {
             dport,
             action,
         };
-        if !proto.has_ports() && !matches!(proto, Protocol::Icmp | Protocol::Icmpv6) {
-            if !sport.is_any() || !dport.is_any() {
-                return Err(ctx("sport", format!("protocol {proto} has no ports")));
-            }
+        let portless = !proto.has_ports() && !matches!(proto, Protocol::Icmp | Protocol::Icmpv6);
+        if portless && (!sport.is_any() || !dport.is_any()) {
+            return Err(ctx("sport", format!("protocol {proto} has no ports")));
         }
         Ok(rule)
     }
