@@ -29,8 +29,18 @@ EXIT_WORKER = 4
 DROP_REASONS = (
     "malformed", "policy_discard", "default_discard", "protect_no_sa", "tx_full", "no_sa",
     "replay", "icv", "expired", "policy_mismatch", "unprotected", "oversize", "handoff_full",
-    "fragment", "dummy",
+    "fragment", "dummy", "punt_full", "punt_no_control", "hold_overflow", "hold_timeout",
+    "hold_failed", "inject_failed",
 )
+# The reasons the control thread counts (the summary's control.drops; Stats.control_drops).
+CONTROL_DROP_REASONS = (
+    "protect_no_sa", "punt_no_control", "hold_overflow", "hold_timeout", "hold_failed",
+    "inject_failed",
+)
+
+# Control-channel sockets of test runs (one per run, named after its --file-prefix,
+# so runs never meet on the default /run/bitw/dataplane.sock).
+SOCKET_DIR = Path("/tmp/bitw-test-sockets")
 
 
 def drops(**counts):
@@ -78,10 +88,19 @@ def toml_value(v):
     return toml_str(v)
 
 
+def control_socket(prefix):
+    """The control-channel socket of the run with this --file-prefix."""
+    path = SOCKET_DIR / f"{prefix}.sock"
+    assert len(str(path)) < 104, f"test bug: socket path too long for AF_UNIX: {path}"
+    return path
+
+
 def render_config(inside, outside, policies=(), *, prefix, workers=1, burst=32,
-                  default_action="bypass", extra_dataplane=None, sas=()):
+                  default_action="bypass", extra_dataplane=None, sas=(), control=None):
     """The text of a config file. `policies` and `sas` are dicts of TOML keys, in
-    order (a dict value becomes an inline table, e.g. lifetime_packets)."""
+    order (a dict value becomes an inline table, e.g. lifetime_packets). A
+    [control] section comes last, its socket `control_socket(prefix)` unless
+    `control` (a dict of [control] keys) says otherwise."""
     lines = [
         "# written by the bitw system tests",
         "[eal]",
@@ -106,6 +125,8 @@ def render_config(inside, outside, policies=(), *, prefix, workers=1, burst=32,
             lines += ["", f"[[{table}]]"]
             for k, v in p.items():
                 lines.append(f"{k} = {toml_value(v)}")
+    control = {"socket": str(control_socket(prefix)), **(control or {})}
+    lines += ["", "[control]"] + [f"{k} = {toml_value(v)}" for k, v in control.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-//! The `bitw-dataplane` process: config → EAL → ports → workers → summary.
+//! The `bitw-dataplane` process: config → control-channel socket → EAL →
+//! ports → workers (and the control thread) → summary.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,13 +9,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use bitw_common::channel::Listener;
+
 use crate::config::{device_name, is_pci_address, Config};
 use crate::counters::{DropReason, WorkerCounters, WorkerSnapshot};
+use crate::ctl::{self, ControlTotals, Ctl, CtlSetup, Shared};
 use crate::dpdk::{self, Eal, Mempool, Port, PortSetup, PortStats};
 use crate::filter::{Direction, FilterTable};
-use crate::sa::SaEvent;
 use crate::sadb::{SaChange, Sadb};
-use crate::worker::{Handoff, SaEventRecord, Worker};
+use crate::snapshot::Published;
+use crate::worker::{Handoff, Worker};
 
 /// Exit codes (documented in `--help`).
 pub mod exit {
@@ -90,35 +94,17 @@ pub struct Summary {
     pub esp_encrypted: u64,
     pub esp_decrypted: u64,
     pub handed_off: u64,
+    /// IKE frames taken out of the traffic for control (totals over workers).
+    pub punted: u64,
+    /// Packets handed to the control thread to wait for their SA.
+    pub held: u64,
     pub sa_events: EventTotals,
     /// The SAs (the first 1000), with their counters.
     pub sas: Vec<SaSummary>,
     pub sa_count: usize,
-}
-
-fn log_event(sadb: &Sadb, e: &SaEventRecord, totals: &std::sync::Mutex<EventTotals>) {
-    let table = sadb.load();
-    let sa = match e.direction {
-        Direction::Out => table.outbound(e.slot),
-        Direction::In => table.inbound(e.slot),
-    };
-    let name = sa.map_or("?", |s| s.params.name.as_str());
-    let what = match e.event {
-        SaEvent::SoftLifetime => "soft lifetime reached (rekey now)",
-        SaEvent::HardLifetime => "hard lifetime reached: SA expired",
-        SaEvent::SequenceExhausted => "sequence numbers used up: SA expired",
-    };
-    eprintln!(
-        "bitw-dataplane: SA {name} ({} SPI {:#010x}): {what}",
-        e.direction.as_str(),
-        e.spi
-    );
-    let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-    match e.event {
-        SaEvent::SoftLifetime => t.soft_lifetime += 1,
-        SaEvent::HardLifetime => t.hard_lifetime += 1,
-        SaEvent::SequenceExhausted => t.sequence_exhausted += 1,
-    }
+    /// The control channel: sessions, events, and the drops it counted
+    /// (those are in `drops` too).
+    pub control: ControlTotals,
 }
 
 fn sa_summaries(sadb: &Sadb) -> (Vec<SaSummary>, usize) {
@@ -230,6 +216,17 @@ fn ethdev_name(device: &str) -> String {
     }
 }
 
+/// Sets the stop flag if the control thread unwinds, so the workers stop too.
+struct StopOnPanic(Arc<AtomicBool>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 fn dpdk_failure(e: impl std::fmt::Display) -> Failure {
     Failure {
         code: exit::DPDK,
@@ -244,6 +241,14 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         message: e.to_string(),
     })?;
     let args = eal_args(&cfg)?;
+    // The control channel's socket first: a dataplane that cannot be reached
+    // must not start (and another one may be listening there).
+    let c = &cfg.control;
+    let listener =
+        Listener::bind(&c.socket, c.tls.as_ref(), c.socket_mode).map_err(|e| Failure {
+            code: exit::DPDK,
+            message: format!("control channel: cannot listen on {}: {e}", c.socket),
+        })?;
 
     // Signals first: a SIGTERM during EAL start still stops us cleanly.
     let stop = Arc::new(AtomicBool::new(false));
@@ -254,7 +259,18 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         })?;
     }
 
+    // The CPUs this process may use, before EAL pins the main thread to its lcore.
+    let allowed_cpus = core_affinity::get_core_ids().unwrap_or_default();
     let eal = Eal::init(&args).map_err(dpdk_failure)?;
+    // Threads inherit the main lcore's CPU from this thread: the control
+    // thread and the timer go to a CPU no worker polls on (the first such),
+    // if there is one, so they never take time from a worker.
+    let lcore_cpus = eal.lcore_cpus();
+    let spare_cpu = allowed_cpus
+        .iter()
+        .find(|c| !lcore_cpus.contains(&c.id))
+        .or(allowed_cpus.first())
+        .copied();
     let w = cfg.dataplane.workers;
     if eal.lcore_count() < w {
         return Err(Failure {
@@ -266,7 +282,10 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
             ),
         });
     }
-    let pool = Mempool::new(&eal, "bitw-mbufs", cfg.dataplane.mbufs).map_err(dpdk_failure)?;
+    // Held and queued packets keep their mbufs: the pool has room for them on top.
+    let pool_size =
+        cfg.dataplane.mbufs + (cfg.control.hold_packets + ctl::HOLD_QUEUE + ctl::PUNT_QUEUE) as u32;
+    let pool = Mempool::new(&eal, "bitw-mbufs", pool_size).map_err(dpdk_failure)?;
     let open = |name: &str, device: &str| {
         Port::open(
             &eal,
@@ -289,14 +308,14 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
             code: exit::CONFIG,
             message: format!("{}: {e}", cfg.path.display()),
         })?;
-    let filter = Arc::new(
+    let filter = Arc::new(Published::new(
         FilterTable::build_with_sas(&cfg.policies, cfg.dataplane.default_action, &|name, dir| {
             sadb.slot(name, dir)
         })
         .map_err(dpdk_failure)?,
-    );
+    ));
     let handoff = Arc::new(Handoff::new(w, cfg.dataplane.handoff_depth));
-    let events = Arc::new(crossbeam_queue::ArrayQueue::<SaEventRecord>::new(4096));
+    let shared = Arc::new(Shared::new(cfg.control.hold_packets));
 
     let counters: Vec<Arc<WorkerCounters>> = (0..w)
         .map(|_| Arc::new(WorkerCounters::default()))
@@ -312,7 +331,7 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
                 filter: filter.clone(),
                 sadb: sadb.clone(),
                 handoff: handoff.clone(),
-                events: events.clone(),
+                ctl: shared.clone(),
                 drop_unknown_spi: cfg.dataplane.drop_unknown_spi,
                 counters: counters[i].clone(),
                 stop: stop.clone(),
@@ -322,26 +341,14 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         .collect();
 
     let started = Instant::now();
-    // SA events are logged as they come by an ordinary thread (no DPDK calls).
-    let totals = Arc::new(std::sync::Mutex::new(EventTotals::default()));
-    let monitor = {
-        let (events, sadb, stop, totals) =
-            (events.clone(), sadb.clone(), stop.clone(), totals.clone());
-        std::thread::spawn(move || loop {
-            let done = stop.load(Ordering::Relaxed);
-            while let Some(e) = events.pop() {
-                log_event(&sadb, &e, &totals);
-            }
-            if done {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        })
-    };
+    let workers_done = Arc::new(AtomicBool::new(false));
     // The timer runs on an ordinary thread: it never touches DPDK.
     if let Some(limit) = opts.run_for {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            if let Some(cpu) = spare_cpu {
+                core_affinity::set_for_current(cpu);
+            }
             let deadline = Instant::now() + limit;
             while !stop.load(Ordering::Relaxed) {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -354,18 +361,69 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         });
     }
     eprintln!(
+        "bitw-dataplane: control channel on {} (one session at a time)",
+        cfg.control.socket
+    );
+    eprintln!(
         "bitw-dataplane: forwarding with {w} worker(s) between inside ({}) and outside ({}); {} rules",
         cfg.inside.device,
         cfg.outside.device,
         cfg.policies.len()
     );
-    let ran = dpdk::run_on_lcores(&eal, tasks);
+    // The control thread is an ordinary thread (DPDK allows mbuf allocation
+    // and ACL builds from it); scoped, so it ends before the pool and ports go.
+    let setup = CtlSetup {
+        config: &cfg,
+        listener,
+        pool: &pool,
+        sadb: sadb.clone(),
+        filter: filter.clone(),
+        handoff: handoff.clone(),
+        shared: shared.clone(),
+        counters: counters.clone(),
+        ports: [
+            ("inside".into(), cfg.inside.device.clone(), inside.id),
+            ("outside".into(), cfg.outside.device.clone(), outside.id),
+        ],
+        stop: stop.clone(),
+        workers_done: workers_done.clone(),
+        started,
+    };
+    let (ran, control) = std::thread::scope(|scope| {
+        let ctl_thread = std::thread::Builder::new()
+            .name("bitw-ctl".into())
+            .spawn_scoped(scope, {
+                let stop = stop.clone();
+                move || {
+                    if let Some(cpu) = spare_cpu {
+                        core_affinity::set_for_current(cpu);
+                    }
+                    let stop_on_panic = StopOnPanic(stop);
+                    let totals = Ctl::new(setup).run();
+                    drop(stop_on_panic);
+                    totals
+                }
+            });
+        let ran = match &ctl_thread {
+            Ok(_) => dpdk::run_on_lcores(&eal, tasks),
+            Err(e) => Err(dpdk::DpdkError::Lcore(format!(
+                "cannot start the control-channel thread: {e}"
+            ))),
+        };
+        stop.store(true, Ordering::Relaxed);
+        workers_done.store(true, Ordering::Release);
+        let control = match ctl_thread.map(|t| t.join()) {
+            Ok(Ok(totals)) => Ok(totals),
+            Ok(Err(_)) => Err("the control-channel thread panicked".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        (ran, control)
+    });
     let duration = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let _ = monitor.join();
-    while let Some(e) = events.pop() {
-        log_event(&sadb, &e, &totals);
-    }
+    let (ran, control) = match (ran, control) {
+        (Ok(()), Err(e)) => (Err(dpdk::DpdkError::Lcore(e)), ControlTotals::default()),
+        (ran, control) => (ran, control.unwrap_or_default()),
+    };
 
     let workers: Vec<WorkerSnapshot> = counters
         .iter()
@@ -389,6 +447,10 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
     let sas = sa_summaries(&sadb);
     inside.close();
     outside.close();
+    // Packets still queued for a worker or the control thread go back to the
+    // pool before it is freed.
+    drop(handoff);
+    drop(shared);
     drop(filter);
     drop(pool);
     eal.cleanup();
@@ -397,10 +459,12 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         .iter()
         .map(|r| (r.as_str().to_string(), 0))
         .collect();
-    for s in &workers {
-        for (k, v) in &s.drops {
-            *drops.get_mut(k).expect("known reason") += v;
-        }
+    for (k, v) in workers
+        .iter()
+        .flat_map(|s| s.drops.iter())
+        .chain(&control.drops)
+    {
+        *drops.entry(k.clone()).or_default() += v;
     }
     let summary = Summary {
         version: env!("CARGO_PKG_VERSION"),
@@ -421,16 +485,20 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         esp_encrypted: workers.iter().map(|s| s.esp_encrypted).sum(),
         esp_decrypted: workers.iter().map(|s| s.esp_decrypted).sum(),
         handed_off: workers.iter().map(|s| s.handed_off).sum(),
-        sa_events: {
-            let mut t = std::mem::take(&mut *totals.lock().unwrap_or_else(|e| e.into_inner()));
-            t.lost = workers.iter().map(|s| s.events_lost).sum();
-            t
+        punted: workers.iter().map(|s| s.punted).sum(),
+        held: workers.iter().map(|s| s.held).sum(),
+        sa_events: EventTotals {
+            soft_lifetime: control.soft_lifetime,
+            hard_lifetime: control.hard_lifetime,
+            sequence_exhausted: control.sequence_exhausted,
+            lost: workers.iter().map(|s| s.events_lost).sum(),
         },
         sa_count: sas.1,
         sas: sas.0,
         workers,
         ports,
         drops,
+        control,
     };
     if let Err(e) = ran {
         eprintln!("bitw-dataplane: {e}");

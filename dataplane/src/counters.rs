@@ -70,10 +70,23 @@ pub enum DropReason {
     Fragment,
     /// A dummy packet (next header 59, RFC 4303 §2.6): discarded by design.
     Dummy,
+    /// IKE for a punted address, but the queue to the control thread was full.
+    PuntFull,
+    /// IKE for a punted address while no control session was up (control side).
+    PuntNoControl,
+    /// A packet waiting for its SA found no room: the queue to the control
+    /// thread was full (worker), or the hold store was (its oldest packet).
+    HoldOverflow,
+    /// A held packet waited longer than `control.hold_timeout` (control side).
+    HoldTimeout,
+    /// Control reported that negotiating the SA failed (control side).
+    HoldFailed,
+    /// A datagram control asked to inject could not be sent (control side).
+    InjectFailed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed,
         DropReason::PolicyDiscard,
         DropReason::DefaultDiscard,
@@ -89,6 +102,22 @@ impl DropReason {
         DropReason::HandoffFull,
         DropReason::Fragment,
         DropReason::Dummy,
+        DropReason::PuntFull,
+        DropReason::PuntNoControl,
+        DropReason::HoldOverflow,
+        DropReason::HoldTimeout,
+        DropReason::HoldFailed,
+        DropReason::InjectFailed,
+    ];
+
+    /// The reasons counted on the control thread rather than by a worker.
+    pub const CONTROL_SIDE: [DropReason; 6] = [
+        DropReason::ProtectNoSa,
+        DropReason::PuntNoControl,
+        DropReason::HoldOverflow,
+        DropReason::HoldTimeout,
+        DropReason::HoldFailed,
+        DropReason::InjectFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -108,6 +137,12 @@ impl DropReason {
             DropReason::HandoffFull => "handoff_full",
             DropReason::Fragment => "fragment",
             DropReason::Dummy => "dummy",
+            DropReason::PuntFull => "punt_full",
+            DropReason::PuntNoControl => "punt_no_control",
+            DropReason::HoldOverflow => "hold_overflow",
+            DropReason::HoldTimeout => "hold_timeout",
+            DropReason::HoldFailed => "hold_failed",
+            DropReason::InjectFailed => "inject_failed",
         }
     }
 }
@@ -176,6 +211,18 @@ pub struct WorkerCounters {
     /// Loop iterations that found no packet / at least one.
     pub idle_polls: Counter,
     pub busy_polls: Counter,
+    /// IKE frames taken out of the traffic for control.
+    pub punted: Counter,
+    /// Outbound packets handed to the control thread to wait for their SA.
+    pub held: Counter,
+    /// TSC cycles of loop iterations that moved packets / of all iterations.
+    pub busy_cycles: Counter,
+    pub total_cycles: Counter,
+    /// Non-empty RX bursts and the frames they brought.
+    pub rx_bursts: Counter,
+    pub rx_burst_packets: Counter,
+    /// The EAL lcore the worker runs on (set when it starts).
+    pub lcore: Counter,
 }
 
 impl WorkerCounters {
@@ -206,6 +253,13 @@ impl WorkerCounters {
             flow_cache_misses: self.flow_cache_misses.get(),
             idle_polls: self.idle_polls.get(),
             busy_polls: self.busy_polls.get(),
+            punted: self.punted.get(),
+            held: self.held.get(),
+            busy_cycles: self.busy_cycles.get(),
+            total_cycles: self.total_cycles.get(),
+            rx_bursts: self.rx_bursts.get(),
+            rx_burst_packets: self.rx_burst_packets.get(),
+            lcore: self.lcore.get() as u32,
         }
     }
 }
@@ -230,4 +284,11 @@ pub struct WorkerSnapshot {
     pub flow_cache_misses: u64,
     pub idle_polls: u64,
     pub busy_polls: u64,
+    pub punted: u64,
+    pub held: u64,
+    pub busy_cycles: u64,
+    pub total_cycles: u64,
+    pub rx_bursts: u64,
+    pub rx_burst_packets: u64,
+    pub lcore: u32,
 }

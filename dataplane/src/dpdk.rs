@@ -99,6 +99,22 @@ impl Eal {
         unsafe { sys::rte_lcore_count() as usize }
     }
 
+    /// The CPUs EAL's lcores run on (main lcore included).
+    pub fn lcore_cpus(&self) -> Vec<usize> {
+        let mut cpus = Vec::new();
+        let mut lcore = u32::MAX;
+        for _ in 0..self.lcore_count() {
+            // SAFETY: iterates EAL's enabled lcores (main included) without wrapping.
+            lcore = unsafe { sys::rte_get_next_lcore(lcore, 0, 0) };
+            // SAFETY: plain query; -1 for an lcore without a single CPU.
+            let cpu = unsafe { sys::rte_lcore_to_cpu_id(lcore as c_int) };
+            if let Ok(cpu) = usize::try_from(cpu) {
+                cpus.push(cpu);
+            }
+        }
+        cpus
+    }
+
     /// Releases EAL resources; call once, after every port is closed.
     pub fn cleanup(self) {
         // SAFETY: no DPDK object is used after this (self is consumed).
@@ -141,11 +157,26 @@ pub fn tsc_hz() -> u64 {
     unsafe { sys::bitw_rte_get_tsc_hz() }
 }
 
-/// The time-stamp counter.
+/// The time-stamp counter (what rte_rdtsc reads; inline on x86-64, where
+/// the workers read it once per loop iteration).
 #[inline]
 pub fn tsc() -> u64 {
+    #[cfg(target_arch = "x86_64")]
     // SAFETY: rdtsc has no preconditions.
-    unsafe { sys::bitw_rte_rdtsc() }
+    unsafe {
+        std::arch::x86_64::_rdtsc()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: rdtsc has no preconditions.
+    unsafe {
+        sys::bitw_rte_rdtsc()
+    }
+}
+
+/// The calling thread's lcore id (`u32::MAX` on a thread that is not an EAL lcore).
+pub fn lcore_id() -> u32 {
+    // SAFETY: plain query of a thread-local value.
+    unsafe { sys::bitw_rte_lcore_id() }
 }
 
 /// A pool of packet buffers shared by all ports and workers.
@@ -177,6 +208,36 @@ impl Mempool {
             .ok_or_else(|| DpdkError::Mempool(rte_errno_text(), n))
     }
 
+    /// A new single-segment mbuf holding `parts` one after the other (e.g. an
+    /// Ethernet header and an IP datagram), or `None` when the pool is empty or
+    /// the bytes do not fit one buffer. Safe from any thread: a thread that is
+    /// not an lcore allocates without the per-lcore cache.
+    pub fn alloc_frame(&self, parts: &[&[u8]]) -> Option<Mbuf> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len == 0 || len > u16::MAX as usize {
+            return None;
+        }
+        // SAFETY: the pool lives as long as self; a null result is handled.
+        let m = unsafe { sys::bitw_rte_pktmbuf_alloc(self.ptr.as_ptr()) };
+        if m.is_null() {
+            return None;
+        }
+        let mbuf = Mbuf(m); // freed on every early return below
+                            // SAFETY: a fresh single-segment mbuf; the shim checks the tailroom and
+                            // returns null (changing nothing) without room.
+        let p = unsafe { sys::bitw_rte_pktmbuf_append(m, len as u16) } as *mut u8;
+        if p.is_null() {
+            return None;
+        }
+        let mut at = 0;
+        for part in parts {
+            // SAFETY: append made `len` bytes from p writable; at + part.len() <= len.
+            unsafe { ptr::copy_nonoverlapping(part.as_ptr(), p.add(at), part.len()) };
+            at += part.len();
+        }
+        Some(mbuf)
+    }
+
     /// Buffers currently free in the pool (all caches included).
     pub fn available(&self) -> u32 {
         // SAFETY: the pool lives as long as self.
@@ -203,6 +264,26 @@ pub struct PortStats {
     pub rx_errors: u64,
     pub tx_errors: u64,
     pub rx_nombuf: u64,
+}
+
+/// The device counters of port `id` (all zero for an unknown port). Safe from
+/// any thread while the port is open: the PMD only reads its counters.
+pub fn port_stats(id: u16) -> PortStats {
+    let mut s: sys::rte_eth_stats = Default::default();
+    // SAFETY: rte_eth_stats_get checks the port id; s is a valid out pointer.
+    if unsafe { sys::rte_eth_stats_get(id, &mut s) } != 0 {
+        return PortStats::default();
+    }
+    PortStats {
+        rx_packets: s.ipackets,
+        rx_bytes: s.ibytes,
+        tx_packets: s.opackets,
+        tx_bytes: s.obytes,
+        rx_missed: s.imissed,
+        rx_errors: s.ierrors,
+        tx_errors: s.oerrors,
+        rx_nombuf: s.rx_nombuf,
+    }
 }
 
 /// A configured ethdev port.
@@ -336,19 +417,7 @@ impl Port {
     }
 
     pub fn stats(&self) -> PortStats {
-        let mut s: sys::rte_eth_stats = Default::default();
-        // SAFETY: id valid; s is a valid out pointer.
-        unsafe { sys::rte_eth_stats_get(self.id, &mut s) };
-        PortStats {
-            rx_packets: s.ipackets,
-            rx_bytes: s.ibytes,
-            tx_packets: s.opackets,
-            tx_bytes: s.obytes,
-            rx_missed: s.imissed,
-            rx_errors: s.ierrors,
-            tx_errors: s.oerrors,
-            rx_nombuf: s.rx_nombuf,
-        }
+        port_stats(self.id)
     }
 
     /// Stops and closes the port (flushes net_pcap's output file).
@@ -620,6 +689,51 @@ pub struct Mbuf(*mut sys::rte_mbuf);
 // SAFETY: an Mbuf is the only reference to its mbuf; mbufs may be freed or sent
 // from any lcore (the mempool is multi-producer/multi-consumer).
 unsafe impl Send for Mbuf {}
+
+impl Mbuf {
+    /// The first segment's bytes (the headers, and all of a frame that fits
+    /// one buffer).
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: an owned, valid mbuf; data_len bytes from buf_addr + data_off
+        // are its initialised data, borrowed as long as self.
+        unsafe {
+            let m = &*self.0;
+            std::slice::from_raw_parts(
+                (m.buf_addr as *const u8).add(m.data_off as usize),
+                m.data_len as usize,
+            )
+        }
+    }
+
+    /// Total length over all segments.
+    pub fn pkt_len(&self) -> u32 {
+        // SAFETY: owned, valid mbuf.
+        unsafe { (*self.0).pkt_len }
+    }
+
+    /// A copy of the whole frame, every segment (slow path only: allocates).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.pkt_len() as usize);
+        let mut m = self.0 as *const sys::rte_mbuf;
+        // A chain is never longer than nb_segs; the bound guards a corrupt one.
+        // SAFETY: owned, valid mbuf.
+        let mut left = unsafe { (*m).nb_segs };
+        while !m.is_null() && left > 0 {
+            // SAFETY: m is a segment of our chain; data_len bytes from
+            // buf_addr + data_off are its data.
+            unsafe {
+                let seg = &*m;
+                out.extend_from_slice(std::slice::from_raw_parts(
+                    (seg.buf_addr as *const u8).add(seg.data_off as usize),
+                    seg.data_len as usize,
+                ));
+                m = seg.next;
+            }
+            left -= 1;
+        }
+        out
+    }
+}
 
 impl Drop for Mbuf {
     fn drop(&mut self) {

@@ -372,6 +372,21 @@ pub struct FilterTable {
     generation: u32,
 }
 
+/// A generation no table built before has had. 0 marks an empty flow-cache
+/// slot and is never handed out; the counter would need 2^32 rebuilds to come
+/// back to a value still cached, far beyond any run (one rebuild per control
+/// `Apply` with a policy).
+fn next_generation() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static GENERATION: AtomicU32 = AtomicU32::new(1);
+    loop {
+        let g = GENERATION.fetch_add(1, Ordering::Relaxed);
+        if g != 0 {
+            return g;
+        }
+    }
+}
+
 /// Largest number of keys one classify call takes (a worker's burst).
 pub const CLASSIFY_MAX: usize = crate::config::MAX_BURST;
 
@@ -396,7 +411,6 @@ impl FilterTable {
                 .cloned()
                 .collect::<Vec<_>>()
         };
-        static GENERATION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
         Ok(FilterTable {
             out: DirectionTable::build(of(Direction::Out), default_action, &|n| {
                 sa_slot(n, Direction::Out)
@@ -404,8 +418,19 @@ impl FilterTable {
             inb: DirectionTable::build(of(Direction::In), default_action, &|n| {
                 sa_slot(n, Direction::In)
             })?,
-            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: next_generation(),
         })
+    }
+
+    /// This table's generation: unique among the tables this process built
+    /// (flow-cache entries carry it, control sees it in `Applied`).
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Rules of both directions.
+    pub fn rule_count(&self) -> usize {
+        self.out.rules.len() + self.inb.rules.len()
     }
 
     fn table(&self, dir: Direction) -> &DirectionTable {

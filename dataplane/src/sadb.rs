@@ -85,12 +85,23 @@ impl SaTable {
         self.len() == 0
     }
 
-    fn rebuild_index(&mut self) {
+    /// Rebuilds the SPI index; refuses a table in which two inbound SAs share an SPI.
+    fn rebuild_index(&mut self) -> Result<(), SadbError> {
         self.spis.clear();
         let mut ports = Vec::new();
         for (slot, sa) in self.inbound.iter().enumerate() {
             if let Some(sa) = sa {
-                self.spis.insert(sa.params.spi, slot as u32);
+                if let Some(other) = self.spis.insert(sa.params.spi, slot as u32) {
+                    let other = self.inbound[other as usize]
+                        .as_ref()
+                        .map(|s| s.params.name.clone())
+                        .unwrap_or_default();
+                    return Err(SadbError::SpiInUse {
+                        name: sa.params.name.clone(),
+                        spi: sa.params.spi,
+                        other,
+                    });
+                }
                 if let Encap::Udp { dport, .. } = sa.params.encap {
                     ports.push(dport);
                 }
@@ -99,6 +110,20 @@ impl SaTable {
         ports.sort_unstable();
         ports.dedup();
         self.udp_ports = ports;
+        Ok(())
+    }
+
+    /// Every installed SA with its direction and slot, outbound first.
+    pub fn iter(&self) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
+        fn list(
+            d: Direction,
+            v: &[Option<Arc<Sa>>],
+        ) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
+            v.iter()
+                .enumerate()
+                .filter_map(move |(i, s)| s.as_ref().map(|s| (d, i as u32, s)))
+        }
+        list(Direction::Out, &self.outbound).chain(list(Direction::In, &self.inbound))
     }
 }
 
@@ -143,6 +168,9 @@ pub struct Sadb {
     /// Serialises writers (the control path); readers never take it.
     slots: Mutex<Slots>,
     workers: usize,
+    /// Replaced snapshots, kept so that the writer's thread frees them (see
+    /// [`Sadb::reclaim`]) rather than a worker dropping the last reference.
+    retired: Mutex<Vec<Arc<SaTable>>>,
 }
 
 impl Sadb {
@@ -152,7 +180,43 @@ impl Sadb {
             has_inbound: std::sync::atomic::AtomicBool::new(false),
             slots: Mutex::new(Slots::default()),
             workers: workers.max(1),
+            retired: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Frees replaced snapshots no worker reads any more. `ArcSwap::store`
+    /// turns every outstanding reader guard of the old snapshot into a counted
+    /// reference before it returns, so a count of one means only this list
+    /// holds it. Called by the writer's thread (control) now and then: freeing
+    /// a table (and the SAs only it held, keys zeroed) never lands on a worker.
+    pub fn reclaim(&self) -> usize {
+        let mut r = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        r.retain(|t| Arc::strong_count(t) > 1);
+        r.len()
+    }
+
+    /// The slot of an SA name in a direction, if it has one (never assigns).
+    pub fn find_slot(&self, name: &str, direction: Direction) -> Option<u32> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match direction {
+            Direction::Out => slots.out.get(name).copied(),
+            Direction::In => slots.inb.get(name).copied(),
+        }
+    }
+
+    /// The name a slot was given.
+    pub fn slot_name(&self, slot: u32, direction: Direction) -> Option<String> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let map = match direction {
+            Direction::Out => &slots.out,
+            Direction::In => &slots.inb,
+        };
+        map.iter().find(|(_, &s)| s == slot).map(|(n, _)| n.clone())
+    }
+
+    #[cfg(test)]
+    fn load_full_for_tests(&self) -> Arc<SaTable> {
+        self.table.load_full()
     }
 
     /// The current snapshot (for workers: once per burst).
@@ -205,21 +269,6 @@ impl Sadb {
                     if list[slot].as_ref().is_some_and(|old| old.params == params) {
                         continue; // the same SA: keep it and its state
                     }
-                    if params.direction == Direction::In {
-                        if let Some(other) = list.iter().enumerate().find(|(i, s)| {
-                            *i != slot && s.as_ref().is_some_and(|s| s.params.spi == params.spi)
-                        }) {
-                            return Err(SadbError::SpiInUse {
-                                name: params.name,
-                                spi: params.spi,
-                                other: other
-                                    .1
-                                    .as_ref()
-                                    .map(|s| s.params.name.clone())
-                                    .unwrap_or_default(),
-                            });
-                        }
-                    }
                     let name = params.name.clone();
                     let sa = Sa::new(params, slot % self.workers)
                         .map_err(|reason| SadbError::Invalid { name, reason })?;
@@ -246,11 +295,17 @@ impl Sadb {
                 }
             }
         }
-        next.rebuild_index();
+        // SPIs are checked on the result, so a batch may move an SPI from one
+        // SA to another (remove, or replace, and install together).
+        next.rebuild_index()?;
         let inbound = next.inbound.iter().any(|s| s.is_some());
         self.table.store(Arc::new(next));
         self.has_inbound
             .store(inbound, std::sync::atomic::Ordering::Relaxed);
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cur);
         Ok(())
     }
 }
@@ -328,6 +383,36 @@ mod tests {
                 direction: Direction::Out
             }])
             .is_err());
+    }
+
+    #[test]
+    fn an_spi_may_move_between_sas_in_one_batch_and_old_tables_are_reclaimed() {
+        let db = Sadb::new(1);
+        db.apply(vec![SaChange::Install(params("a", Direction::In, 0x7000))])
+            .unwrap();
+        let reader = db.load_full_for_tests();
+        db.apply(vec![
+            SaChange::Remove {
+                name: "a".into(),
+                direction: Direction::In,
+            },
+            SaChange::Install(params("b", Direction::In, 0x7000)),
+        ])
+        .unwrap();
+        assert_eq!(db.load().inbound_by_spi(0x7000).unwrap().1.params.name, "b");
+        // Two SAs swapping SPIs: only the result is checked.
+        db.apply(vec![SaChange::Install(params("c", Direction::In, 0x7001))])
+            .unwrap();
+        db.apply(vec![
+            SaChange::Install(params("b", Direction::In, 0x7001)),
+            SaChange::Install(params("c", Direction::In, 0x7000)),
+        ])
+        .unwrap();
+        assert_eq!(db.load().inbound_by_spi(0x7000).unwrap().1.params.name, "c");
+        // A reader still holds the first table: it stays until let go.
+        assert_eq!(db.reclaim(), 1);
+        drop(reader);
+        assert_eq!(db.reclaim(), 0);
     }
 
     #[test]

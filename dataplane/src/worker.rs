@@ -10,6 +10,13 @@
 //! bounded lock-free queue) and leaves through the owner's TX queue; so with
 //! several workers on one SA, outbound sequence numbers stay unique and
 //! increasing and replay detection stays exact.
+//!
+//! For the control channel (`ctl`), before classification: IKE to or from a
+//! punted address is taken out of the traffic and queued for the control
+//! thread; ARP and NDP are snooped for neighbours; an outbound packet whose
+//! protect rule has no SA yet is queued to be held (while a control session
+//! can negotiate it). Each is a bounded lock-free queue; full means a
+//! counted drop, never a wait.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,12 +25,14 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::config::MAX_BURST;
 use crate::counters::{DropReason, PortSide, WorkerCounters};
-use crate::dpdk::{Burst, KeyV4, KeyV6, Mbuf, PortQueue};
+use crate::ctl::{HeldItem, LearnRecord, PuntItem, PuntSet, Shared};
+use crate::dpdk::{self, Burst, KeyV4, KeyV6, Mbuf, PortQueue};
 use crate::esp::{self, DecapError, EncapError, EspLocation, PacketBuf, PROTO_ESP, PROTO_UDP};
-use crate::filter::{Direction, FilterTable, FlowCache, Verdict};
+use crate::filter::{Direction, FilterTable, FlowCache, Verdict, PROTO_ICMPV6};
 use crate::sa::{ReplayError, SaEvent};
 use crate::sadb::{SaTable, Sadb};
-use crate::wire::{parse_into, FrameKind};
+use crate::snapshot::Published;
+use crate::wire::{self, parse_into, FrameKind};
 
 /// Work handed to an SA's owner.
 pub struct HandoffItem {
@@ -40,6 +49,10 @@ pub enum Job {
     Protect { slot: u32 },
     /// Decapsulate with the inbound SA in this slot.
     Unprotect { slot: u32, loc: EspLocation },
+    /// Send the frame as it is: out of port outside for `Direction::Out`,
+    /// inside for `In` (a datagram control injects; the control thread has
+    /// no TX queue of its own, so every queue keeps a single writer).
+    Transmit,
 }
 
 /// The workers' inboxes.
@@ -53,6 +66,14 @@ impl Handoff {
             inboxes: (0..workers)
                 .map(|_| ArrayQueue::new(depth.max(1)))
                 .collect(),
+        }
+    }
+
+    /// Queues work for `worker`; gives the item back when its inbox is full.
+    pub fn push(&self, worker: usize, item: HandoffItem) -> Result<(), HandoffItem> {
+        match self.inboxes.get(worker) {
+            Some(q) => q.push(item),
+            None => Err(item),
         }
     }
 }
@@ -74,10 +95,13 @@ pub struct Worker {
     pub burst: usize,
     /// Flow-cache entries per direction and address family (0: no cache).
     pub flow_cache: usize,
-    pub filter: Arc<FilterTable>,
+    /// The filter table; control replaces it at run time. The worker checks
+    /// for a new one once per loop iteration (one atomic load).
+    pub filter: Arc<Published<FilterTable>>,
     pub sadb: Arc<Sadb>,
     pub handoff: Arc<Handoff>,
-    pub events: Arc<ArrayQueue<SaEventRecord>>,
+    /// Queues to the control thread, the punt set, the session flag.
+    pub ctl: Arc<Shared>,
     /// What to do with ESP whose SPI no inbound SA has: drop it, or classify it.
     pub drop_unknown_spi: bool,
     pub counters: Arc<WorkerCounters>,
@@ -131,6 +155,8 @@ struct Tally {
     encrypted: u64,
     decrypted: u64,
     handed_off: u64,
+    punted: u64,
+    held: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -183,14 +209,29 @@ impl Worker {
             inbox: [Burst::default(), Burst::default()],
             inbox_keep: [[false; MAX_BURST]; 2],
         });
+        let c = &self.counters;
+        c.lcore.set(dpdk::lcore_id() as u64);
+        let mut filter = self.filter.reader();
+        let mut punt = self.ctl.punt.reader();
+        let mut last = dpdk::tsc();
         while !self.stop.load(Ordering::Relaxed) {
-            let n = self.step(Direction::Out, &mut burst, &mut s)
-                + self.step(Direction::In, &mut burst, &mut s)
-                + self.drain_inbox(&mut s);
+            let f = filter.get(&self.filter);
+            let p = punt.get(&self.ctl.punt);
+            // IKE is looked for only while the punt set has addresses.
+            let p = (!p.is_empty()).then_some(p);
+            let n = self.step(Direction::Out, f, p, &mut burst, &mut s)
+                + self.step(Direction::In, f, p, &mut burst, &mut s)
+                + self.drain_inbox(f, &mut s);
+            // One TSC read per iteration: it ends this one and starts the next.
+            let now = dpdk::tsc();
+            let spent = now.wrapping_sub(last);
+            last = now;
+            c.total_cycles.add(spent);
             if n == 0 {
-                self.counters.idle_polls.add(1);
+                c.idle_polls.add(1);
             } else {
-                self.counters.busy_polls.add(1);
+                c.busy_polls.add(1);
+                c.busy_cycles.add(spent);
             }
         }
     }
@@ -215,6 +256,7 @@ impl Worker {
     fn report(&self, dir: Direction, slot: u32, spi: u32, event: SaEvent) {
         // A full queue loses the record, not the packet; the summary counts it.
         if self
+            .ctl
             .events
             .push(SaEventRecord {
                 direction: dir,
@@ -230,16 +272,30 @@ impl Worker {
 
     /// One burst in one direction; returns how many frames it received.
     #[inline]
-    fn step(&self, dir: Direction, burst: &mut Burst, s: &mut Scratch) -> usize {
+    fn step(
+        &self,
+        dir: Direction,
+        filter: &FilterTable,
+        punt: Option<&PuntSet>,
+        burst: &mut Burst,
+        s: &mut Scratch,
+    ) -> usize {
         let (rx, tx, rx_side, tx_side) = self.queues(dir);
         let n = burst.rx(rx, self.burst);
         if n == 0 {
             return 0;
         }
         let c = &self.counters;
-        if self.filter.is_wire(dir) && (dir == Direction::Out || !self.sadb.has_inbound()) {
+        c.rx_bursts.add(1);
+        c.rx_burst_packets.add(n as u64);
+        if filter.is_wire(dir)
+            && (dir == Direction::Out || !self.sadb.has_inbound())
+            && punt.is_none()
+            && !self.ctl.session_up()
+        {
             // No rule in this direction and default bypass (and, inbound, no SA
-            // that ESP could be for): a plain wire.
+            // that ESP could be for; no IKE to punt; no control session that
+            // wants neighbours learnt): a plain wire.
             let (out, rx_bytes) = burst.forward_all(tx);
             c.rx[rx_side as usize].add(n as u64, rx_bytes);
             c.tx[tx_side as usize].add(out.sent as u64, out.sent_bytes);
@@ -268,6 +324,14 @@ impl Worker {
                     t.non_ip += 1;
                     continue;
                 }
+                FrameKind::Arp { l3 } => {
+                    s.keep[i] = true;
+                    t.non_ip += 1;
+                    if let Some((ip, mac)) = wire::arp_sender(burst.frame(i), l3 as usize) {
+                        self.learn(rx_side, ip.into(), mac);
+                    }
+                    continue;
+                }
                 FrameKind::Malformed(_) => {
                     t.drop(DropReason::Malformed);
                     continue;
@@ -275,12 +339,32 @@ impl Worker {
                 FrameKind::V4 { fragment, l3 } => (l3, fragment, true),
                 FrameKind::V6 { fragment, l3 } => (l3, fragment, false),
             };
+            let (proto, sport, dport) = if v4 {
+                let k = &s.v4[n4];
+                (k.proto, k.sport, k.dport)
+            } else {
+                let k = &s.v6[n6];
+                (k.proto, k.sport, k.dport)
+            };
+            if let Some(punt) = punt {
+                if proto == PROTO_UDP
+                    && !fragment
+                    && self.punt_if_ike(
+                        punt, burst, i, l3, v4, &s.v4[n4], &s.v6[n6], rx_side, &mut t,
+                    )
+                {
+                    continue;
+                }
+            }
+            // NDP: ICMPv6 neighbour solicitation / advertisement (type in sport).
+            if !v4 && proto == PROTO_ICMPV6 && matches!(sport[1], wire::ICMPV6_NS | wire::ICMPV6_NA)
+            {
+                if let Some((ip, mac)) = wire::ndp_neighbor(burst.frame(i), l3 as usize) {
+                    self.learn(rx_side, ip.into(), mac);
+                }
+            }
             if dir == Direction::In && !fragment {
-                let (proto, dport) = if v4 {
-                    (s.v4[n4].proto, u16::from_be_bytes(s.v4[n4].dport))
-                } else {
-                    (s.v6[n6].proto, u16::from_be_bytes(s.v6[n6].dport))
-                };
+                let dport = u16::from_be_bytes(dport);
                 if proto == PROTO_ESP || (proto == PROTO_UDP && table.udp_ports.contains(&dport)) {
                     match self.inbound_esp(&table, burst, i, l3, &mut t) {
                         // Not ESP after all (IKE or a keepalive on the NAT-T port): classify it.
@@ -291,12 +375,11 @@ impl Worker {
                             s.from_sa[i] = slot;
                             let len = burst.pkt_len(i) as usize;
                             match parse_into(burst.frame(i), len, &mut s.v4[n4], &mut s.v6[n6]) {
-                                FrameKind::V4 { fragment, l3 } => {
-                                    self.queue(dir, s, i, true, fragment, l3, &mut n4, &mut n6)
-                                }
-                                FrameKind::V6 { fragment, l3 } => {
-                                    self.queue(dir, s, i, false, fragment, l3, &mut n4, &mut n6)
-                                }
+                                FrameKind::V4 { fragment, l3 } => self
+                                    .queue(filter, dir, s, i, true, fragment, l3, &mut n4, &mut n6),
+                                FrameKind::V6 { fragment, l3 } => self.queue(
+                                    filter, dir, s, i, false, fragment, l3, &mut n4, &mut n6,
+                                ),
                                 // Garbage inside cannot be checked against the SA's selectors.
                                 _ => {
                                     t.drop(DropReason::PolicyMismatch);
@@ -307,19 +390,17 @@ impl Worker {
                     }
                 }
             }
-            self.queue(dir, s, i, v4, fragment, l3, &mut n4, &mut n6);
+            self.queue(filter, dir, s, i, v4, fragment, l3, &mut n4, &mut n6);
         }
         if n4 > 0 {
             match &mut s.cache_v4 {
-                Some(c) => self.filter.classify_v4_cached(
+                Some(c) => filter.classify_v4_cached(
                     dir,
                     &mut c[dir as usize],
                     &s.v4[..n4],
                     &mut s.verdicts[..n4],
                 ),
-                None => self
-                    .filter
-                    .classify_v4(dir, false, &s.v4[..n4], &mut s.verdicts[..n4]),
+                None => filter.classify_v4(dir, false, &s.v4[..n4], &mut s.verdicts[..n4]),
             }
             for j in 0..n4 {
                 s.frame_verdict[s.v4_at[j] as usize] = s.verdicts[j];
@@ -327,15 +408,13 @@ impl Worker {
         }
         if n6 > 0 {
             match &mut s.cache_v6 {
-                Some(c) => self.filter.classify_v6_cached(
+                Some(c) => filter.classify_v6_cached(
                     dir,
                     &mut c[dir as usize],
                     &s.v6[..n6],
                     &mut s.verdicts[..n6],
                 ),
-                None => self
-                    .filter
-                    .classify_v6(dir, false, &s.v6[..n6], &mut s.verdicts[..n6]),
+                None => filter.classify_v6(dir, false, &s.v6[..n6], &mut s.verdicts[..n6]),
             }
             for j in 0..n6 {
                 s.frame_verdict[s.v6_at[j] as usize] = s.verdicts[j];
@@ -380,6 +459,7 @@ impl Worker {
     #[inline]
     fn queue(
         &self,
+        filter: &FilterTable,
         dir: Direction,
         s: &mut Scratch,
         i: usize,
@@ -394,11 +474,9 @@ impl Worker {
         if fragment {
             let mut v = [Verdict::DefaultDiscard];
             if v4 {
-                self.filter
-                    .classify_v4(dir, true, std::slice::from_ref(&s.v4[*n4]), &mut v);
+                filter.classify_v4(dir, true, std::slice::from_ref(&s.v4[*n4]), &mut v);
             } else {
-                self.filter
-                    .classify_v6(dir, true, std::slice::from_ref(&s.v6[*n6]), &mut v);
+                filter.classify_v6(dir, true, std::slice::from_ref(&s.v6[*n6]), &mut v);
             }
             s.frame_verdict[i] = v[0];
         } else if v4 {
@@ -418,6 +496,8 @@ impl Worker {
         c.esp_encrypted.add(t.encrypted);
         c.esp_decrypted.add(t.decrypted);
         c.handed_off.add(t.handed_off);
+        c.punted.add(t.punted);
+        c.held.add(t.held);
         for r in DropReason::ALL {
             c.count_drop(r, t.drops[r as usize]);
         }
@@ -460,7 +540,23 @@ impl Worker {
             (Verdict::Protect { .. }, Direction::In) => t.drop(DropReason::Unprotected),
             (Verdict::Protect { sa: slot, .. }, Direction::Out) => {
                 let Some(sa) = table.outbound(slot) else {
-                    // No SA (yet): fail closed.
+                    // No SA (yet): hold it for control to negotiate one, or
+                    // drop it. Never send it in plaintext.
+                    if self.ctl.holding() {
+                        let item = HeldItem {
+                            mbuf: burst.take(i),
+                            slot,
+                            l3,
+                        };
+                        return match self.ctl.holds.push(item) {
+                            Ok(()) => {
+                                t.held += 1;
+                                false
+                            }
+                            // The mbuf is freed with the item.
+                            Err(_) => t.drop(DropReason::HoldOverflow),
+                        };
+                    }
                     return t.drop(DropReason::ProtectNoSa);
                 };
                 if sa.owner != self.id {
@@ -486,6 +582,68 @@ impl Worker {
                     Err(e) => t.drop(encap_drop(e)),
                 }
             }
+        }
+    }
+
+    /// Takes frame `i` out of the traffic for control if it is IKE to or from
+    /// a punted address (its key is `k4`/`k6`); says whether it did.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn punt_if_ike(
+        &self,
+        punt: &PuntSet,
+        burst: &mut Burst,
+        i: usize,
+        l3: u16,
+        v4: bool,
+        k4: &KeyV4,
+        k6: &KeyV6,
+        port: PortSide,
+        t: &mut Tally,
+    ) -> bool {
+        let (sport, dport) = if v4 {
+            (k4.sport, k4.dport)
+        } else {
+            (k6.sport, k6.dport)
+        };
+        let (sport, dport) = (u16::from_be_bytes(sport), u16::from_be_bytes(dport));
+        // Cheapest test first: most UDP is on neither IKE port.
+        if !matches!(sport, wire::IKE_PORT | wire::NAT_T_PORT)
+            && !matches!(dport, wire::IKE_PORT | wire::NAT_T_PORT)
+        {
+            return false;
+        }
+        let ours = if v4 {
+            punt.contains_v4(&k4.src) || punt.contains_v4(&k4.dst)
+        } else {
+            punt.contains_v6(&k6.src) || punt.contains_v6(&k6.dst)
+        };
+        if !ours || !wire::is_ike(burst.frame(i), l3 as usize, sport, dport) {
+            return false;
+        }
+        let item = PuntItem {
+            mbuf: burst.take(i),
+            port,
+        };
+        match self.ctl.punts.push(item) {
+            Ok(()) => t.punted += 1,
+            Err(_) => {
+                t.drop(DropReason::PuntFull);
+            }
+        }
+        true
+    }
+
+    /// Queues what a frame taught about a neighbour (a full queue loses it, counted).
+    #[inline]
+    fn learn(&self, port: PortSide, ip: std::net::IpAddr, mac: [u8; 6]) {
+        if self
+            .ctl
+            .learned
+            .push(LearnRecord { port, ip, mac })
+            .is_err()
+        {
+            self.counters.events_lost.add(1);
         }
     }
 
@@ -548,7 +706,7 @@ impl Worker {
     }
 
     /// Processes packets other workers handed to this one (it owns their SAs).
-    fn drain_inbox(&self, s: &mut Scratch) -> usize {
+    fn drain_inbox(&self, filter: &FilterTable, s: &mut Scratch) -> usize {
         let inbox = &self.handoff.inboxes[self.id];
         if inbox.is_empty() {
             return 0;
@@ -570,8 +728,9 @@ impl Worker {
             s.inbox_keep[d][idx] = match item.job {
                 Job::Protect { slot } => self.protect_handed(&table, b, idx, slot, item.l3, &mut t),
                 Job::Unprotect { slot, loc } => {
-                    self.unprotect_handed(&table, b, idx, slot, &loc, &mut t)
+                    self.unprotect_handed(&table, filter, b, idx, slot, &loc, &mut t)
                 }
+                Job::Transmit => true,
             };
         }
         for dir in [Direction::Out, Direction::In] {
@@ -616,9 +775,11 @@ impl Worker {
     }
 
     /// Decrypts a handed-off inbound packet and checks it against its SA's selectors.
+    #[allow(clippy::too_many_arguments)]
     fn unprotect_handed(
         &self,
         table: &SaTable,
+        filter: &FilterTable,
         b: &mut Burst,
         idx: usize,
         slot: u32,
@@ -642,12 +803,10 @@ impl Worker {
                 let mut v = [Verdict::DefaultDiscard];
                 match parse_into(buf.data(), len, &mut k4, &mut k6) {
                     FrameKind::V4 { fragment, .. } => {
-                        self.filter
-                            .classify_v4(Direction::In, fragment, &[k4], &mut v)
+                        filter.classify_v4(Direction::In, fragment, &[k4], &mut v)
                     }
                     FrameKind::V6 { fragment, .. } => {
-                        self.filter
-                            .classify_v6(Direction::In, fragment, &[k6], &mut v)
+                        filter.classify_v6(Direction::In, fragment, &[k6], &mut v)
                     }
                     _ => return t.drop(DropReason::PolicyMismatch),
                 }
