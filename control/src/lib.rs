@@ -1,0 +1,41 @@
+//! `bitw-control`: the control process of bitw, and `bitwctl`, its CLI.
+//!
+//! Threads, not async: one engine thread owns all state ([`daemon`]); the
+//! dataplane link ([`link`]), the admin socket ([`admin`]), the exporter
+//! ([`metrics`]) and the signal handler talk to it over crossbeam channels.
+//!
+//! - [`desired`][]: what control wants the dataplane to hold, and the diff
+//!   (reconcile) against what it reports.
+//! - [`link`][]: the control-channel client: handshake, pings, reconnects.
+//! - [`admin`][]: the admin socket (newline-delimited JSON) and its messages.
+//! - [`metrics`][]: the Prometheus exporter.
+//! - [`ctl`][]: `bitwctl`.
+//! - [`keyfile`][]: reading key files (permissions checked).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod ctl;
+pub mod daemon;
+pub mod desired;
+pub mod keyfile;
+pub mod link;
+pub mod log;
+pub mod metrics;
+
+#[cfg(test)]
+mod fake_dataplane;
+#[cfg(test)]
+mod tests;
+
+/// "bitw-control 0.1.0": what control calls itself in the hello.
+pub fn software() -> String {
+    format!("bitw-control {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Seconds since the Unix epoch, for timestamps shown to people and Prometheus.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
