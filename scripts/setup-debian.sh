@@ -12,6 +12,9 @@ PACKAGES=(
   python3 python3-scapy python3-pytest tshark tcpdump
   # network namespaces and veth for the af_packet/IKE tests
   iproute2 ethtool procps
+  # metrics: a real Prometheus server scrapes the exporter in the tests; promtool
+  # checks the exposition; openssl makes the control channel's test certificates
+  prometheus openssl curl
 )
 
 missing=()
