@@ -15,6 +15,11 @@ PACKAGES=(
   # metrics: a real Prometheus server scrapes the exporter in the tests; promtool
   # checks the exposition; openssl makes the control channel's test certificates
   prometheus openssl curl
+  # IKEv2 interop tests (tests/bitw_swan.py): a real strongSwan 5.9.8 charon per
+  # network namespace with kernel-libipsec (in libcharon-extra-plugins), swanctl,
+  # and the openssl plugin (libstrongswan-standard-plugins: AES-GCM, x25519,
+  # ECDSA). The harness never uses the package's own ipsec/strongswan service.
+  strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
 )
 
 missing=()
