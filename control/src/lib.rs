@@ -11,6 +11,7 @@
 //! - [`metrics`][]: the Prometheus exporter.
 //! - [`ctl`][]: `bitwctl`.
 //! - [`keyfile`][]: reading key files (permissions checked).
+//! - [`ike`][]: IKEv2 without I/O: wire format, proposals, key schedule, DH.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod ctl;
 pub mod daemon;
 pub mod desired;
+pub mod ike;
 pub mod keyfile;
 pub mod link;
 pub mod log;

@@ -1,0 +1,16 @@
+//! IKEv2 (RFC 7296) as the terminals: written as state machines without I/O
+//! (fed datagrams and time, asked for datagrams, timers and events), so the
+//! whole protocol is tested with byte vectors and fake time.
+//!
+//! - [`message`]: the wire format: typed messages and payloads, decoded
+//!   without panics on any input, encoded byte-exactly.
+//! - [`proposal`]: transforms and proposals, written in strongSwan's syntax
+//!   (`aes128gcm16-prfsha256-x25519`).
+//! - [`crypto`]: PRFs, prf+, SKEYSEED and the key schedule, KEYMAT, the SK
+//!   payload's encryption and integrity, AUTH for PSKs.
+//! - [`dh`]: Diffie-Hellman groups 14, 19, 20 and 31.
+
+pub mod crypto;
+pub mod dh;
+pub mod message;
+pub mod proposal;
