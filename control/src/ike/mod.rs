@@ -9,8 +9,12 @@
 //! - [`crypto`]: PRFs, prf+, SKEYSEED and the key schedule, KEYMAT, the SK
 //!   payload's encryption and integrity, AUTH for PSKs.
 //! - [`dh`]: Diffie-Hellman groups 14, 19, 20 and 31.
+//! - [`sa`]: one IKE SA as a state machine: IKE_SA_INIT, IKE_AUTH (PSK) and
+//!   the first Child SA, CREATE_CHILD_SA for Child SAs (responder),
+//!   INFORMATIONAL liveness checks and deletes.
 
 pub mod crypto;
 pub mod dh;
 pub mod message;
 pub mod proposal;
+pub mod sa;
