@@ -18,3 +18,5 @@ pub mod dh;
 pub mod message;
 pub mod proposal;
 pub mod sa;
+#[cfg(test)]
+mod test_rng;

@@ -4,40 +4,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rand_core::{CryptoRng, RngCore};
-
 use super::*;
 use crate::ike::message::MessageView;
 use crate::ike::message::{Flags, Message, NotifyType, Payload, PayloadsExt};
 use crate::ike::proposal::{parse_proposals, Protocol};
+use rand_core::RngCore;
 
-/// SplitMix64: deterministic, good enough to stand in for the OS RNG.
-struct TestRng(u64);
-
-impl RngCore for TestRng {
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for chunk in dest.chunks_mut(8) {
-            let v = self.next_u64().to_be_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
-}
-
-impl CryptoRng for TestRng {}
+use crate::ike::test_rng::CountingRng as TestRng;
 
 /// SPIs from counters: IKE SPIs `base+1, base+2, ...`, ESP SPIs likewise.
 struct CountingSpis {
