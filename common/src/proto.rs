@@ -698,6 +698,31 @@ pub struct SaInfo {
     pub owner_worker: usize,
 }
 
+impl SaInfo {
+    /// What an SA looks like before it has carried traffic (no key, its fingerprint).
+    pub fn from_spec(spec: &SaSpec) -> SaInfo {
+        SaInfo {
+            name: spec.name.clone(),
+            direction: spec.direction,
+            spi: spec.spi,
+            mode: spec.mode.clone(),
+            tunnel_src: spec.tunnel_src,
+            tunnel_dst: spec.tunnel_dst,
+            encap: spec.encap.clone(),
+            aead: spec.aead.clone(),
+            esn: spec.esn,
+            replay_window: spec.replay_window,
+            origin: spec.origin,
+            fingerprint: spec.fingerprint(),
+            packets: 0,
+            bytes: 0,
+            sequence: 0,
+            expired: false,
+            owner_worker: 0,
+        }
+    }
+}
+
 /// An address seen on a port with its MAC (ARP/NDP snooping, punted frames).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Neighbor {

@@ -23,7 +23,7 @@ use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use bitw_common::config::Config;
 use bitw_common::proto::{
     Applied, DataplaneState, Event, ExpireReason, Origin, PortName, Reply, Request, SaChange,
-    SaInfo, SaSpec, Stats, PROTOCOL_VERSION,
+    SaInfo, Stats, PROTOCOL_VERSION,
 };
 use bitw_common::rules::Direction;
 
@@ -328,28 +328,6 @@ fn expire_reason(r: ExpireReason) -> &'static str {
         ExpireReason::SoftLifetime => "soft_lifetime",
         ExpireReason::HardLifetime => "hard_lifetime",
         ExpireReason::SequenceExhausted => "sequence_exhausted",
-    }
-}
-
-fn info_of(spec: &SaSpec) -> SaInfo {
-    SaInfo {
-        name: spec.name.clone(),
-        direction: spec.direction,
-        spi: spec.spi,
-        mode: spec.mode.clone(),
-        tunnel_src: spec.tunnel_src,
-        tunnel_dst: spec.tunnel_dst,
-        encap: spec.encap.clone(),
-        aead: spec.aead.clone(),
-        esn: spec.esn,
-        replay_window: spec.replay_window,
-        origin: spec.origin,
-        fingerprint: spec.fingerprint(),
-        packets: 0,
-        bytes: 0,
-        sequence: 0,
-        expired: false,
-        owner_worker: 0,
     }
 }
 
@@ -1280,7 +1258,11 @@ impl Engine {
                         .iter()
                         .find(|i| i.name == d.name && i.direction == d.direction)
                 });
-                let base = d.spec.as_ref().map(info_of).or_else(|| d.adopted.clone())?;
+                let base = d
+                    .spec
+                    .as_ref()
+                    .map(SaInfo::from_spec)
+                    .or_else(|| d.adopted.clone())?;
                 let fp = d.fingerprint();
                 let state = match (dp, held) {
                     (None, _) => "unknown",
@@ -1412,7 +1394,7 @@ fn patch(dp: &mut DataplaneState, plan: &Plan) {
             SaChange::Install(spec) => {
                 dp.sas
                     .retain(|s| !(s.name == spec.name && s.direction == spec.direction));
-                dp.sas.push(info_of(spec));
+                dp.sas.push(SaInfo::from_spec(spec));
             }
         }
     }

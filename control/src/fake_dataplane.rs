@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bitw_common::channel::{Endpoint, Listener};
 use bitw_common::proto::{
     negotiate, Applied, Batch, DataplaneState, Event, FromDataplane, Hello, HelloReply, Neighbor,
-    PolicySpec, Reply, Request, SaChange, SaInfo, SaSpec, SaStats, Stats, ToDataplane,
+    PolicySpec, Reply, Request, SaChange, SaInfo, SaStats, Stats, ToDataplane,
 };
 
 #[derive(Default)]
@@ -45,28 +45,6 @@ pub struct FakeDp {
     state: Arc<Mutex<FakeState>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-}
-
-pub fn info_of(spec: &SaSpec) -> SaInfo {
-    SaInfo {
-        name: spec.name.clone(),
-        direction: spec.direction,
-        spi: spec.spi,
-        mode: spec.mode.clone(),
-        tunnel_src: spec.tunnel_src,
-        tunnel_dst: spec.tunnel_dst,
-        encap: spec.encap.clone(),
-        aead: spec.aead.clone(),
-        esn: spec.esn,
-        replay_window: spec.replay_window,
-        origin: spec.origin,
-        fingerprint: spec.fingerprint(),
-        packets: 0,
-        bytes: 0,
-        sequence: 0,
-        expired: false,
-        owner_worker: 0,
-    }
 }
 
 impl FakeDp {
@@ -270,7 +248,7 @@ fn apply(s: &mut FakeState, batch: Batch) -> Reply {
                 {
                     Some(x) if x.fingerprint == fp => a.sas_unchanged += 1,
                     Some(x) => {
-                        *x = info_of(spec);
+                        *x = SaInfo::from_spec(spec);
                         a.sas_replaced += 1;
                     }
                     None => {
@@ -282,7 +260,7 @@ fn apply(s: &mut FakeState, batch: Batch) -> Reply {
                                 message: format!("SPI {:#010x} is in use", spec.spi),
                             };
                         }
-                        sas.push(info_of(spec));
+                        sas.push(SaInfo::from_spec(spec));
                         a.sas_installed += 1;
                     }
                 }

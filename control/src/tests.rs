@@ -13,7 +13,7 @@ use bitw_common::channel::Endpoint;
 use bitw_common::config::Config;
 use bitw_common::proto::{
     Acquire, DefaultActionName, Event, ExpireReason, Mac, Neighbor, Origin, PolicySpec, PortName,
-    Request, RuleSpec, SaChange, SaSpec,
+    Request, RuleSpec, SaChange, SaInfo, SaSpec,
 };
 use bitw_common::rules::Direction;
 use crossbeam_channel::unbounded;
@@ -24,7 +24,7 @@ use crate::admin::{
 };
 use crate::daemon::Daemon;
 use crate::desired::Desired;
-use crate::fake_dataplane::{info_of, FakeDp};
+use crate::fake_dataplane::FakeDp;
 use crate::link::{self, LinkCmd, LinkConfig, LinkEvent};
 use crate::metrics::Metrics;
 
@@ -286,12 +286,17 @@ fn control_restart_adopts_and_dataplane_restart_reinstalls() {
     {
         let mut s = dp.state();
         for p in &cfg.sas {
-            s.sas.push(info_of(&SaSpec::from_params(p, Origin::Config)));
+            s.sas
+                .push(SaInfo::from_spec(&SaSpec::from_params(p, Origin::Config)));
         }
         s.sas[0].packets = 5;
         s.sas[0].sequence = 5;
-        s.sas
-            .push(info_of(&sa_spec("adm", Direction::Out, 0x3001, KEY_A)));
+        s.sas.push(SaInfo::from_spec(&sa_spec(
+            "adm",
+            Direction::Out,
+            0x3001,
+            KEY_A,
+        )));
         let d = Desired::from_config(&cfg);
         let mut rules: Vec<RuleSpec> = d.rules.iter().map(|r| r.spec.clone()).collect();
         let mut adm = rules[0].clone();
