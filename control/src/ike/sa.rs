@@ -1665,18 +1665,8 @@ impl IkeSa {
             }
             None => None,
         };
-        let local_ts = ranges(&tsi.selectors);
-        let remote_ts = ranges(&tsr.selectors);
-        if local_ts.is_empty()
-            || remote_ts.is_empty()
-            || !all_within(&local_ts, &self.config.local_ts)
-            || !all_within(&remote_ts, &self.config.remote_ts)
-        {
-            return Err(failure(
-                "ts_unacceptable",
-                "the responder's selectors exceed ours",
-            ));
-        }
+        let (local_ts, remote_ts) =
+            replied_selectors(&self.config, &tsi.selectors, &tsr.selectors)?;
         let keymat = Keymat {
             shared: shared.as_ref().map(|s| s.as_bytes()),
             ni: &rekey.ni,
@@ -1982,18 +1972,8 @@ impl IkeSa {
         };
         let agreed = accept_reply(&self.config.esp_proposals, sa, DhMode::Skip)
             .map_err(|e| failure("bad_proposal_reply", e))?;
-        let local_ts = ranges(&tsi.selectors);
-        let remote_ts = ranges(&tsr.selectors);
-        if local_ts.is_empty()
-            || remote_ts.is_empty()
-            || !all_within(&local_ts, &self.config.local_ts)
-            || !all_within(&remote_ts, &self.config.remote_ts)
-        {
-            return Err(failure(
-                "ts_unacceptable",
-                "the responder's selectors exceed ours",
-            ));
-        }
+        let (local_ts, remote_ts) =
+            replied_selectors(&self.config, &tsi.selectors, &tsr.selectors)?;
         let transport = payloads.notify(NotifyType::USE_TRANSPORT_MODE).is_some();
         let mode = match (self.config.mode, transport) {
             (ChildMode::Transport, true) => ChildMode::Transport,
@@ -2374,6 +2354,28 @@ fn ts_payload(ranges: &[TsRange]) -> TsPayload {
 
 /// The address-range selectors of a TS payload (others are ignored: bitw
 /// has no use for them).
+/// The selectors a responder answered with, as ranges, if they are within
+/// what `config` proposes (an initiator never accepts wider ones).
+fn replied_selectors(
+    config: &Config,
+    tsi: &[TrafficSelector],
+    tsr: &[TrafficSelector],
+) -> Result<(Vec<TsRange>, Vec<TsRange>), Failure> {
+    let local_ts = ranges(tsi);
+    let remote_ts = ranges(tsr);
+    if local_ts.is_empty()
+        || remote_ts.is_empty()
+        || !all_within(&local_ts, &config.local_ts)
+        || !all_within(&remote_ts, &config.remote_ts)
+    {
+        return Err(failure(
+            "ts_unacceptable",
+            "the responder's selectors exceed ours",
+        ));
+    }
+    Ok((local_ts, remote_ts))
+}
+
 fn ranges(selectors: &[TrafficSelector]) -> Vec<TsRange> {
     selectors
         .iter()
