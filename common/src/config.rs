@@ -6,6 +6,7 @@
 //! so the `toml` crate attaches the location; checks that need several fields
 //! keep the field's span (`toml::Spanned`) and compute the line from it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::channel::{Endpoint, TlsFiles};
+use crate::connection::{load_connections, Connection, RawConnection};
 use crate::rules::{Action, Direction, PortRange, Prefix, Protocol, Rule};
 use crate::sa_params::{AeadAlg, Encap, Limits, Mode, SaParams, NAT_T_PORT_DEFAULT};
 
@@ -102,6 +104,10 @@ pub struct Config {
     pub control: ControlConfig,
     /// Terminals bitw acts for (`[[terminal]]`).
     pub terminals: Vec<Terminal>,
+    /// IKE peerings on the terminals' behalf (`[[connection]]`).
+    pub connections: Vec<Connection>,
+    /// Lines of the connection fields that bitw-control checks later.
+    field_lines: BTreeMap<String, usize>,
 }
 
 /// `[control]`: how the two processes and the administrator reach each other.
@@ -174,6 +180,8 @@ struct RawConfig {
     control: Option<RawControl>,
     #[serde(default)]
     terminal: Vec<RawTerminal>,
+    #[serde(default)]
+    connection: Vec<RawConnection>,
 }
 
 #[derive(Deserialize)]
@@ -489,7 +497,7 @@ impl<'de> Deserialize<'de> for Direction {
 }
 
 /// 1-based line of byte offset `pos` in `text`.
-fn line_of(text: &str, pos: usize) -> usize {
+pub(crate) fn line_of(text: &str, pos: usize) -> usize {
     text[..pos.min(text.len())]
         .bytes()
         .filter(|&b| b == b'\n')
@@ -497,9 +505,9 @@ fn line_of(text: &str, pos: usize) -> usize {
         + 1
 }
 
-struct Ctx<'a> {
-    file: &'a Path,
-    text: &'a str,
+pub(crate) struct Ctx<'a> {
+    pub(crate) file: &'a Path,
+    pub(crate) text: &'a str,
 }
 
 impl Ctx<'_> {
@@ -526,7 +534,7 @@ impl Ctx<'_> {
         header
     }
 
-    fn err<T>(
+    pub(crate) fn err<T>(
         &self,
         span: std::ops::Range<usize>,
         field: String,
@@ -833,6 +841,19 @@ impl Config {
         let sas = load_sas(&ctx, raw.sa, &policies)?;
         let control = load_control(&ctx, raw.control)?;
         let terminals = load_terminals(&ctx, raw.terminal)?;
+        let static_names: Vec<&str> = policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .chain(sas.iter().map(|s| s.name.as_str()))
+            .collect();
+        let mut field_lines = BTreeMap::new();
+        let connections = load_connections(
+            &ctx,
+            raw.connection,
+            &terminals,
+            &static_names,
+            &mut field_lines,
+        )?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -844,7 +865,20 @@ impl Config {
             sas,
             control,
             terminals,
+            connections,
+            field_lines,
         })
+    }
+
+    /// An error about a field checked after loading (bitw-control's checks
+    /// of proposals and certificates), with the field's line when known.
+    pub fn field_error(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.clone(),
+            line: self.field_lines.get(field).copied(),
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
     }
 }
 

@@ -35,6 +35,7 @@ use crate::admin::{
 use crate::desired::{self, Desired, Plan, Removals, SaKey};
 use crate::link::{self, LinkCmd, LinkConfig, LinkEvent};
 use crate::metrics::{self, Metrics, Snapshot};
+use crate::proxy::{self, Proxy};
 use crate::{debug, info, unix_now};
 
 /// How long an admin client waits for the engine.
@@ -103,7 +104,8 @@ impl Daemon {
                 .with_context(|| format!("starting thread {name}"))
         };
         let mut threads = Vec::new();
-        let mut engine = Engine::new(config, metrics.clone(), snapshot, link_tx);
+        let proxy = Proxy::new(&config).map_err(anyhow::Error::msg)?;
+        let mut engine = Engine::new(config, metrics.clone(), snapshot, link_tx, proxy);
         threads.push(spawn(
             "engine",
             Box::new(move || {
@@ -244,6 +246,7 @@ enum Pending {
     Query(Query, Sender<AdminResponse>),
     Stats,
     AcquireFailed(String),
+    Inject,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +254,7 @@ enum OpKind {
     Reconcile,
     Change,
     Reload,
+    Ike,
 }
 
 /// One change on its way to the dataplane.
@@ -264,10 +268,13 @@ struct Op {
     waiter: Option<Sender<AdminResponse>>,
     plan: Option<Plan>,
     config: Option<Box<Config>>,
+    /// The IKE proxy's change this op carries.
+    ike_change: Option<u64>,
 }
 
 enum Queued {
     Reconcile,
+    Ike(proxy::Change),
     Admin(Box<AdminRequest>, Sender<AdminResponse>),
     Reload(Box<Config>, Vec<String>, Option<Sender<AdminResponse>>),
 }
@@ -317,6 +324,7 @@ struct Engine {
     acquired: HashMap<SaKey, AcquireRec>,
     neighbors: HashMap<(PortName, IpAddr), NeighborRec>,
     last_reload: Option<ReloadInfo>,
+    proxy: Proxy,
 }
 
 fn key_str(k: &SaKey) -> String {
@@ -337,6 +345,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         snapshot: Arc<Mutex<Snapshot>>,
         to_link: Sender<LinkCmd>,
+        proxy: Proxy,
     ) -> Engine {
         let desired = Desired::from_config(&config);
         let e = Engine {
@@ -372,6 +381,7 @@ impl Engine {
             acquired: HashMap::new(),
             neighbors: HashMap::new(),
             last_reload: None,
+            proxy,
             config,
         };
         e.publish();
@@ -388,6 +398,13 @@ impl Engine {
             self.config.control.socket
         );
         loop {
+            // IKE timers (retransmissions, liveness checks, rekeys) wake the loop.
+            let wait = self
+                .proxy
+                .poll_timeout()
+                .map_or(Duration::from_secs(3600), |t| {
+                    t.saturating_duration_since(Instant::now())
+                });
             select! {
                 recv(rx) -> msg => match msg {
                     Ok(EngineMsg::Admin(req, tx)) => self.admin(*req, tx),
@@ -399,9 +416,43 @@ impl Engine {
                     Ok(ev) => self.link_event(ev),
                     Err(_) => break,
                 },
+                default(wait) => self.proxy.handle_timeout(Instant::now()),
             }
+            self.proxy_actions();
         }
         info!("stopping");
+    }
+
+    /// Carries out what the IKE proxy asked for.
+    fn proxy_actions(&mut self) {
+        let mut queued = false;
+        while let Some(a) = self.proxy.poll_action() {
+            match a {
+                proxy::Action::Inject { port, packet } => {
+                    // With the link down the datagram is lost; IKE retransmits.
+                    self.send(
+                        Request::Inject {
+                            port,
+                            packet: bitw_common::proto::Packet(packet),
+                        },
+                        Pending::Inject,
+                    );
+                }
+                proxy::Action::AcquireFailed { sa } => {
+                    self.send(
+                        Request::AcquireFailed { sa: sa.clone() },
+                        Pending::AcquireFailed(sa),
+                    );
+                }
+                proxy::Action::Change(c) => {
+                    self.queue.push_back(Queued::Ike(c));
+                    queued = true;
+                }
+            }
+        }
+        if queued {
+            self.start_next();
+        }
     }
 
     fn session(&self) -> Option<u64> {
@@ -484,6 +535,7 @@ impl Engine {
                 self.publish();
                 self.queue.push_front(Queued::Reconcile);
                 self.start_next();
+                self.proxy.link_up(Instant::now());
             }
             LinkEvent::Down { session, reason } => {
                 if self.session() != Some(session) {
@@ -569,6 +621,10 @@ impl Engine {
                 debug!("AcquireFailed for SA `{sa}` refused: {message}")
             }
             (Pending::AcquireFailed(_), _) => {}
+            (Pending::Inject, Reply::Error { message }) => {
+                debug!("IKE datagram not injected: {message}")
+            }
+            (Pending::Inject, _) => {}
         }
     }
 
@@ -597,7 +653,7 @@ impl Engine {
                 let _ = tx.send(self.answer(q));
             }
             Pending::Stats => self.stats_failed(),
-            Pending::AcquireFailed(_) => {}
+            Pending::AcquireFailed(_) | Pending::Inject => {}
         }
     }
 
@@ -672,6 +728,9 @@ impl Engine {
             Event::Acquire(a) => {
                 self.metrics.events.with_label_values(&["acquire"]).inc();
                 self.acquires += 1;
+                if self.proxy.acquire(Instant::now(), &a) {
+                    return;
+                }
                 let key = (a.sa.clone(), a.direction);
                 // A rule naming the SA counts: an administrator said it comes later.
                 let known = self.desired.find_sa(&a.sa, a.direction).is_some()
@@ -735,6 +794,8 @@ impl Engine {
                 spi,
                 reason,
             } => {
+                self.proxy
+                    .expire(Instant::now(), &sa, direction, spi, reason);
                 self.metrics.events.with_label_values(&["expire"]).inc();
                 let r = expire_reason(reason);
                 *self.expires.entry(r.to_string()).or_default() += 1;
@@ -787,7 +848,7 @@ impl Engine {
                 self.metrics.events.with_label_values(&["punt"]).inc();
                 self.punts += 1;
                 debug!(
-                    "punted IKE {}:{} -> {}:{} on port {} ({} bytes{}); no IKE yet",
+                    "punted IKE {}:{} -> {}:{} on port {} ({} bytes{})",
                     p.src,
                     p.sport,
                     p.dst,
@@ -796,6 +857,7 @@ impl Engine {
                     p.payload.0.len(),
                     if p.nat_t { ", NAT-T" } else { "" }
                 );
+                self.proxy.punt(Instant::now(), &p);
             }
             Event::HoldDropped {
                 sa,
@@ -852,7 +914,7 @@ impl Engine {
 
     fn reload(&mut self, waiter: Option<Sender<AdminResponse>>) {
         let path = self.config.path.clone();
-        match Config::load(&path) {
+        match crate::load_config(&path) {
             Err(e) => {
                 self.metrics.reloads.with_label_values(&["error"]).inc();
                 let message = e.to_string();
@@ -940,8 +1002,23 @@ impl Engine {
                         waiter: None,
                         plan: None,
                         config: None,
+                        ike_change: None,
                     }
                 }
+                Queued::Ike(c) => Op {
+                    kind: OpKind::Ike,
+                    what: c.what,
+                    candidate: self.desired.ike_change(&c.install, &c.remove),
+                    removals: Removals {
+                        sas: c.remove,
+                        rules: vec![],
+                    },
+                    notes: vec![],
+                    waiter: None,
+                    plan: None,
+                    config: None,
+                    ike_change: Some(c.id),
+                },
                 Queued::Admin(req, tx) => match self.prepare(*req) {
                     Ok((what, candidate, removals, notes)) => Op {
                         kind: OpKind::Change,
@@ -952,6 +1029,7 @@ impl Engine {
                         waiter: Some(tx),
                         plan: None,
                         config: None,
+                        ike_change: None,
                     },
                     Err(e) => {
                         let _ = tx.send(AdminResponse::err(ErrorKind::Refused, e));
@@ -973,6 +1051,7 @@ impl Engine {
                         waiter,
                         plan: None,
                         config: Some(config),
+                        ike_change: None,
                     }
                 }
             };
@@ -1035,6 +1114,12 @@ impl Engine {
                 info!("reconcile failed: the dataplane refused the changes: {message}");
             }
             OpKind::Change => info!("{} refused by the dataplane: {message}", op.what),
+            OpKind::Ike => {
+                info!("{} refused by the dataplane: {message}", op.what);
+                if let Some(id) = op.ike_change {
+                    self.proxy.change_done(Instant::now(), id, false);
+                }
+            }
             OpKind::Reload => {
                 self.metrics.reloads.with_label_values(&["error"]).inc();
                 info!(
@@ -1063,9 +1148,13 @@ impl Engine {
             waiter,
             plan,
             config,
+            ike_change,
             ..
         } = op;
         self.desired = candidate;
+        if let Some(id) = ike_change {
+            self.proxy.change_done(Instant::now(), id, true);
+        }
         if let (Some(dp), Some(p), Outcome::Applied(_)) = (self.dp.as_mut(), &plan, &outcome) {
             patch(dp, p);
         }

@@ -159,6 +159,71 @@ fn merge_rules(
     out
 }
 
+/// The protect rules of the connections' Child SAs, as strongSwan installs
+/// policies from traffic selectors: outbound `local_ts -> remote_ts` with the
+/// child's outbound SA (`connection/child`), inbound the reverse. They exist
+/// before any SA does, so a terminal's first packet is held and triggers
+/// IKE instead of leaving in clear. They come first in the table: what a
+/// child covers is protected whatever the static rules say.
+pub fn connection_rules(config: &Config) -> Vec<RuleSpec> {
+    let mut out = Vec::new();
+    // IPv6 neighbour discovery (router/neighbour solicitations and
+    // advertisements, redirects: ICMPv6 types 133-137) stays on the link in
+    // clear, or a /128 selector would swallow the terminal's own NDP with its
+    // counterpart and neither could reach the other (IPv4's ARP is not IP).
+    let v6 = config.connections.iter().any(|c| {
+        c.children
+            .iter()
+            .any(|ch| ch.local_ts.iter().any(|p| p.addr.is_ipv6()))
+    });
+    if v6 {
+        for dir in [Direction::Out, Direction::In] {
+            out.push(RuleSpec {
+                name: format!("ipv6-nd/{}", dir.as_str()),
+                direction: dir,
+                src: "::/0".into(),
+                dst: "::/0".into(),
+                proto: "icmpv6".into(),
+                sport: "133-137".into(),
+                dport: "any".into(),
+                action: "bypass".into(),
+                sa: None,
+                origin: Origin::Config,
+            });
+        }
+    }
+    for c in &config.connections {
+        for child in &c.children {
+            let sa = c.child_sa_name(&child.name);
+            let mut n = 0;
+            for l in &child.local_ts {
+                for r in child
+                    .remote_ts
+                    .iter()
+                    .filter(|r| r.addr.is_ipv4() == l.addr.is_ipv4())
+                {
+                    n += 1;
+                    for (dir, src, dst) in [(Direction::Out, l, r), (Direction::In, r, l)] {
+                        out.push(RuleSpec {
+                            name: format!("{sa}/{}{n}", dir.as_str()),
+                            direction: dir,
+                            src: src.to_string(),
+                            dst: dst.to_string(),
+                            proto: "any".into(),
+                            sport: "any".into(),
+                            dport: "any".into(),
+                            action: "protect".into(),
+                            sa: Some(sa.clone()),
+                            origin: Origin::Config,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 impl Desired {
     /// The desired state of a configuration alone.
     pub fn from_config(config: &Config) -> Desired {
@@ -168,11 +233,16 @@ impl Desired {
                 .iter()
                 .map(|p| DesiredSa::from_spec(SaSpec::from_params(p, Origin::Config)))
                 .collect(),
-            rules: config
-                .policies
-                .iter()
-                .map(|r| DesiredRule {
-                    spec: RuleSpec::from_rule(r, Origin::Config),
+            rules: connection_rules(config)
+                .into_iter()
+                .chain(
+                    config
+                        .policies
+                        .iter()
+                        .map(|r| RuleSpec::from_rule(r, Origin::Config)),
+                )
+                .map(|spec| DesiredRule {
+                    spec,
                     adopted: false,
                 })
                 .collect(),
@@ -240,6 +310,21 @@ impl Desired {
             },
             warnings,
         )
+    }
+
+    /// The IKE proxy's change: SAs installed (replacing any of the same name
+    /// and direction) and removed.
+    pub fn ike_change(&self, install: &[SaSpec], remove: &[SaKey]) -> Desired {
+        let mut d = self.clone();
+        d.sas
+            .retain(|s| !remove.iter().any(|(n, dir)| s.is(n, *dir)));
+        for spec in install {
+            match d.sas.iter_mut().find(|s| s.is(&spec.name, spec.direction)) {
+                Some(s) => *s = DesiredSa::from_spec(spec.clone()),
+                None => d.sas.push(DesiredSa::from_spec(spec.clone())),
+            }
+        }
+        d
     }
 
     pub fn find_sa(&self, name: &str, direction: Direction) -> Option<&DesiredSa> {

@@ -11,7 +11,10 @@
 //! - [`metrics`][]: the Prometheus exporter.
 //! - [`ctl`][]: `bitwctl`.
 //! - [`keyfile`][]: reading key files (permissions checked).
-//! - [`ike`][]: IKEv2 without I/O: wire format, proposals, key schedule, DH.
+//! - [`ike`][]: IKEv2 without I/O: wire format, proposals, key schedule, DH,
+//!   the IKE SA state machine.
+//! - [`proxy`][]: the key exchange proxy: IKE as the terminals, on punted
+//!   datagrams and acquires, Child SAs into the dataplane.
 
 #![forbid(unsafe_code)]
 
@@ -24,11 +27,22 @@ pub mod keyfile;
 pub mod link;
 pub mod log;
 pub mod metrics;
+pub mod proxy;
 
 #[cfg(test)]
 mod fake_dataplane;
 #[cfg(test)]
 mod tests;
+
+/// Loads the configuration and checks what only control can check (IKE
+/// proposals, identities, credentials), with file, line and field.
+pub fn load_config(
+    path: &std::path::Path,
+) -> Result<bitw_common::config::Config, bitw_common::config::ConfigError> {
+    let config = bitw_common::config::Config::load(path)?;
+    proxy::check(&config)?;
+    Ok(config)
+}
 
 /// "bitw-control 0.1.0": what control calls itself in the hello.
 pub fn software() -> String {

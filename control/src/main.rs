@@ -6,7 +6,6 @@ use clap::Parser;
 use crossbeam_channel::select;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use bitw_common::config::Config;
 use bitw_control::daemon::Daemon;
 use bitw_control::info;
 
@@ -47,7 +46,7 @@ fn main() {
     let cli = Cli::parse();
     bitw_control::log::set_debug(cli.verbose);
     let _ = cli.foreground;
-    let config = match Config::load(&cli.config) {
+    let config = match bitw_control::load_config(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bitw-control: {e}");
@@ -56,11 +55,12 @@ fn main() {
     };
     if cli.check {
         println!(
-            "{}: ok ({} SAs, {} rules, {} terminals)",
+            "{}: ok ({} SAs, {} rules, {} terminals, {} connections)",
             cli.config.display(),
             config.sas.len(),
             config.policies.len(),
-            config.terminals.len()
+            config.terminals.len(),
+            config.connections.len()
         );
         return;
     }

@@ -1,0 +1,1016 @@
+//! The key exchange proxy: IKEv2 spoken *as* the terminals.
+//!
+//! The dataplane punts every IKE datagram to or from a terminal's address
+//! (UDP 500, and 4500 with the non-ESP marker) instead of forwarding it, and
+//! tells control when a terminal's packet hits a protect rule whose SA is
+//! missing (an acquire). This module turns those into IKE SAs:
+//!
+//! - **responder**: an IKE_SA_INIT from a counterpart to a terminal's
+//!   address starts an [`IkeSa`] of the connection that pairs the two; its
+//!   answers leave from the terminal's address (the dataplane injects them on
+//!   port `outside`), so the counterpart never learns the box exists;
+//! - **initiator**: an acquire for a child's outbound SA (`connection/child`)
+//!   starts IKE as the terminal, or a new Child SA in the IKE SA that is up;
+//!   the held packets go out once the SA is installed, or are dropped
+//!   (counted) when the negotiation fails.
+//!
+//! Established Child SAs become [`Change`]s for the daemon, which installs
+//! them in the dataplane through its usual atomic batches; the daemon reports
+//! back with [`Proxy::change_done`], which is when make-before-break rekeys
+//! move on. One IKE SA per connection, i.e. per terminal and counterpart:
+//! several terminals talking to one counterpart each have their own IKE SA,
+//! with the terminal's own address and identity, as if each ran IKE itself.
+//!
+//! The module is I/O-free like the engine: it is fed punts, acquires, expire
+//! events and time, and yields [`Action`]s. The daemon owns the clock and the
+//! link.
+
+mod wire;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bitw_common::config::{Config, ConfigError};
+use bitw_common::connection::{ChildMode as CfgMode, ConnAuth, Connection, StartAction};
+use bitw_common::proto::{Acquire, ExpireReason, LimitsSpec, Origin, PortName, Punt, SaSpec};
+use bitw_common::rules::Direction;
+use rand_core::{OsRng, RngCore};
+use zeroize::Zeroizing;
+
+use crate::ike::message::{ExchangeType, Header};
+use crate::ike::proposal::{parse_proposals, Protocol};
+use crate::ike::sa::{
+    prefix_selector, ChildMode, ChildSaEstablished, Config as IkeConfig, Datagram, Identity,
+    IkeEvent, IkeSa, Lifetimes, Psk, Retransmit, SpiAllocator,
+};
+use crate::{debug, info};
+
+pub use wire::{IKE_PORT, NAT_T_PORT};
+
+/// Half-open responder SAs (IKE_SA_INIT answered, no IKE_AUTH yet) kept at
+/// most; beyond this new IKE_SA_INIT requests are dropped (counted).
+const MAX_HALF_OPEN: usize = 1024;
+
+/// What the daemon must do for the proxy.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this IP datagram out of a port (the dataplane adds Ethernet).
+    Inject { port: PortName, packet: Vec<u8> },
+    /// Change the dataplane's SAs; report with [`Proxy::change_done`].
+    Change(Change),
+    /// Negotiation for this outbound SA failed: drop its held packets.
+    AcquireFailed { sa: String },
+}
+
+/// SAs to install (or replace, by name and direction) and remove at once.
+#[derive(Debug)]
+pub struct Change {
+    pub id: u64,
+    /// For logs and answers: "child `meter-hq/data` up (SPIs ...)".
+    pub what: String,
+    pub install: Vec<SaSpec>,
+    pub remove: Vec<(String, Direction)>,
+}
+
+/// The IKE SAs, by state, for metrics and `bitwctl ike list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IkeCounts {
+    pub connecting: usize,
+    pub established: usize,
+}
+
+/// Counters the exporter shows.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyStats {
+    /// Handshakes (IKE SA set-up) by result: `ok`, or the failure reason.
+    pub handshakes: BTreeMap<String, u64>,
+    /// Set-up times of successful handshakes, seconds (drained by the exporter).
+    pub handshake_seconds: Vec<f64>,
+    /// Datagrams the proxy or an engine rejected, by reason.
+    pub rejected: BTreeMap<String, u64>,
+    pub retransmits: u64,
+    pub cookies_sent: u64,
+    pub child_sas: BTreeMap<String, u64>,
+}
+
+/// One IKE SA as `bitwctl ike list` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IkeSaInfo {
+    pub id: u64,
+    pub connection: String,
+    pub terminal: String,
+    pub local: String,
+    pub remote: String,
+    pub state: String,
+    pub initiator: bool,
+    pub spi_i: String,
+    pub spi_r: String,
+    pub nat: bool,
+    pub age_seconds: f64,
+    pub children: Vec<ChildInfo>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ChildInfo {
+    pub name: String,
+    pub inbound_spi: String,
+    pub outbound_spi: String,
+    pub aead: String,
+    pub encap: bool,
+    pub installed: bool,
+    pub age_seconds: f64,
+}
+
+/// A connection ready to run: the config and the engine's version of it.
+struct Conn {
+    cfg: Connection,
+    engine: IkeConfig,
+}
+
+/// A Child SA the proxy installed or is installing.
+#[derive(Debug, Clone)]
+struct ChildRec {
+    name: String,
+    inbound_spi: u32,
+    outbound_spi: u32,
+    aead: &'static str,
+    encap: bool,
+    installed: bool,
+    since: Instant,
+}
+
+/// An IKE SA and what hangs off it.
+struct Ike {
+    conn: usize,
+    sa: IkeSa,
+    started: Instant,
+    established: Option<Instant>,
+    initiator: bool,
+    /// Child SAs by inbound SPI.
+    children: BTreeMap<u32, ChildRec>,
+    /// Outbound SA names waiting for this IKE SA (acquires that came while it
+    /// was being set up).
+    waiting: Vec<String>,
+}
+
+/// What a pending [`Change`] does when the dataplane took it.
+#[derive(Debug, Clone)]
+enum AfterChange {
+    ChildInstalled { ike: u64, inbound_spi: u32 },
+    Nothing,
+}
+
+/// SPIs handed to the engines: random, never one an installed or pending
+/// inbound SA already has (the dataplane refuses duplicates).
+#[derive(Clone, Default)]
+struct SharedSpis(Arc<Mutex<HashSet<u32>>>);
+
+impl SpiAllocator for SharedSpis {
+    fn ike_spi(&mut self) -> u64 {
+        loop {
+            let spi = OsRng.next_u64();
+            if spi != 0 {
+                return spi;
+            }
+        }
+    }
+
+    fn esp_spi(&mut self) -> u32 {
+        let mut used = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let spi = OsRng.next_u32();
+            if spi >= 256 && used.insert(spi) {
+                return spi;
+            }
+        }
+    }
+}
+
+/// The proxy. See the module documentation.
+pub struct Proxy {
+    conns: Vec<Conn>,
+    ikes: BTreeMap<u64, Ike>,
+    next_ike: u64,
+    /// Our IKE SPI (whichever side we are) → IKE SA.
+    by_spi: HashMap<u64, u64>,
+    /// Responders before their SPI is ours to route by: (peer, SPIi).
+    half_open: HashMap<(SocketAddr, u64), u64>,
+    spis: SharedSpis,
+    changes: BTreeMap<u64, AfterChange>,
+    next_change: u64,
+    actions: VecDeque<Action>,
+    ip_id: u16,
+    pub stats: ProxyStats,
+}
+
+/// A connection's engine configuration, or the config error that stops it.
+fn engine_config(config: &Config, i: usize, c: &Connection) -> Result<IkeConfig, ConfigError> {
+    let field = |f: &str| format!("connection[{i}].{f}");
+    let ike_proposals = parse_proposals(Protocol::Ike, &c.proposals.join(","))
+        .map_err(|e| config.field_error(&field("proposals"), e.to_string()))?;
+    let psk = match &c.auth {
+        ConnAuth::Psk { psk, .. } => Psk::new(psk.to_vec()),
+        ConnAuth::Pubkey { .. } => {
+            return Err(config.field_error(
+                &field("auth"),
+                "auth = \"pubkey\" is not supported by this build yet; use \"psk\"",
+            ))
+        }
+    };
+    let child = &c.children[0];
+    let cfield = |f: &str| format!("connection[{i}].children[0].{f}");
+    let esp_proposals = parse_proposals(Protocol::Esp, &child.esp_proposals.join(","))
+        .map_err(|e| config.field_error(&cfield("esp_proposals"), e.to_string()))?;
+    let ts = |prefixes: &[bitw_common::rules::Prefix]| {
+        prefixes
+            .iter()
+            .filter_map(|p| prefix_selector(p.addr, p.len))
+            .collect::<Vec<_>>()
+    };
+    Ok(IkeConfig {
+        name: c.name.clone(),
+        local_id: parse_identity(&c.local_id)
+            .map_err(|e| config.field_error(&field("local_id"), e))?,
+        remote_id: parse_identity(&c.remote_id)
+            .map_err(|e| config.field_error(&field("remote_id"), e))?,
+        send_remote_id: true,
+        send_initial_contact: true,
+        psk,
+        ike_proposals,
+        esp_proposals,
+        local_ts: ts(&child.local_ts),
+        remote_ts: ts(&child.remote_ts),
+        mode: match child.mode {
+            CfgMode::Tunnel => ChildMode::Tunnel,
+            CfgMode::Transport => ChildMode::Transport,
+        },
+        lifetimes: Lifetimes {
+            ike_rekey: c.rekey_time.unwrap_or(Duration::MAX),
+            child_rekey: child.rekey_time.unwrap_or(Duration::MAX),
+        },
+        retransmit: Retransmit::default(),
+    })
+}
+
+/// An identity as strongSwan writes it: an IP address, `user@domain`
+/// (RFC 822), or a domain name (FQDN). Distinguished names need the
+/// certificate support.
+pub fn parse_identity(s: &str) -> Result<Identity, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<IpAddr>() {
+        return Ok(match a {
+            IpAddr::V4(a) => Identity::Ipv4(a),
+            IpAddr::V6(a) => Identity::Ipv6(a),
+        });
+    }
+    if s.contains('=') {
+        return Err(format!(
+            "`{s}` looks like a distinguished name; DN identities are not supported by this build yet"
+        ));
+    }
+    if s.contains('@') {
+        return Ok(Identity::Rfc822(s.to_string()));
+    }
+    if s.is_empty() || s.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "`{s}` is not an identity: write an address, a domain name or user@domain"
+        ));
+    }
+    Ok(Identity::Fqdn(s.to_string()))
+}
+
+/// Checks every connection of `config` as the proxy would run it.
+pub fn check(config: &Config) -> Result<(), ConfigError> {
+    for (i, c) in config.connections.iter().enumerate() {
+        engine_config(config, i, c)?;
+    }
+    Ok(())
+}
+
+fn hex_key(keys: &crate::ike::crypto::EspKeys) -> Zeroizing<String> {
+    Zeroizing::new(hex::encode(keys.encryption.as_bytes()))
+}
+
+impl Proxy {
+    pub fn new(config: &Config) -> Result<Proxy, ConfigError> {
+        let mut conns = Vec::new();
+        for (i, c) in config.connections.iter().enumerate() {
+            conns.push(Conn {
+                engine: engine_config(config, i, c)?,
+                cfg: c.clone(),
+            });
+        }
+        Ok(Proxy {
+            conns,
+            ikes: BTreeMap::new(),
+            next_ike: 1,
+            by_spi: HashMap::new(),
+            half_open: HashMap::new(),
+            spis: SharedSpis::default(),
+            changes: BTreeMap::new(),
+            next_change: 1,
+            actions: VecDeque::new(),
+            ip_id: 1,
+            stats: ProxyStats::default(),
+        })
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.conns.iter().map(|c| &c.cfg)
+    }
+
+    /// The next instant [`handle_timeout`](Proxy::handle_timeout) is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.ikes.values().filter_map(|i| i.sa.poll_timeout()).min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<u64> = self
+            .ikes
+            .iter()
+            .filter(|(_, i)| i.sa.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(ike) = self.ikes.get_mut(&id) {
+                let before = ike.sa.stats().retransmits_sent;
+                ike.sa.handle_timeout(now);
+                self.stats.retransmits += ike.sa.stats().retransmits_sent - before;
+            }
+            self.drain(now, id);
+        }
+    }
+
+    /// The dataplane (re)connected: connections with `start_action = start`
+    /// that have no IKE SA start one.
+    pub fn link_up(&mut self, now: Instant) {
+        for i in 0..self.conns.len() {
+            if self.conns[i].cfg.start_action == StartAction::Start
+                && !self.ikes.values().any(|k| k.conn == i)
+            {
+                self.initiate(now, i, None);
+            }
+        }
+    }
+
+    /// The counts by state.
+    pub fn counts(&self) -> IkeCounts {
+        let mut c = IkeCounts::default();
+        for i in self.ikes.values() {
+            if i.sa.is_established() {
+                c.established += 1;
+            } else {
+                c.connecting += 1;
+            }
+        }
+        c
+    }
+
+    // ---- inputs ----
+
+    /// An IKE datagram the dataplane punted.
+    pub fn punt(&mut self, now: Instant, p: &Punt) {
+        if p.port != PortName::Outside {
+            // A terminal doing IKE itself: it is not for us to answer, and
+            // forwarding it would let it bypass the box.
+            return self.reject(
+                "from_inside",
+                format!(
+                    "IKE from {} on port inside ignored (the terminal runs no IKE through bitw)",
+                    p.src
+                ),
+            );
+        }
+        let src = SocketAddr::new(p.src, p.sport);
+        let dst = SocketAddr::new(p.dst, p.dport);
+        let bytes = &p.payload.0;
+        if bytes == &wire::KEEPALIVE {
+            return; // a peer's NAT-T keepalive
+        }
+        let header = match Header::decode(bytes) {
+            Ok(h) => h,
+            Err(e) => return self.reject("malformed", format!("from {src}: {e}")),
+        };
+        let datagram = Datagram {
+            src,
+            dst,
+            payload: bytes.clone(),
+        };
+        // Our SPI is the responder's when we answered, the initiator's when we
+        // started; SPIs are random 64-bit values, so looking up both is safe.
+        let known = [header.spi_r, header.spi_i]
+            .into_iter()
+            .filter(|s| *s != 0)
+            .find_map(|s| self.by_spi.get(&s).copied())
+            .or_else(|| self.half_open.get(&(src, header.spi_i)).copied());
+        if let Some(id) = known {
+            if let Some(ike) = self.ikes.get_mut(&id) {
+                ike.sa.handle(now, datagram);
+            }
+            return self.drain(now, id);
+        }
+        if header.exchange != ExchangeType::IKE_SA_INIT
+            || header.spi_r != 0
+            || header.flags.is_response()
+        {
+            return self.reject(
+                "unknown_spi",
+                format!(
+                    "{:?} from {src} to {dst} for IKE SPIs {:016x}/{:016x}: no such IKE SA",
+                    header.exchange, header.spi_i, header.spi_r
+                ),
+            );
+        }
+        let Some(conn) = self.conn_for(p.dst, p.src) else {
+            return self.reject(
+                "no_connection",
+                format!(
+                    "IKE_SA_INIT from {src} to {dst}: no connection pairs terminal {} with {}",
+                    p.dst, p.src
+                ),
+            );
+        };
+        if self.half_open.len() >= MAX_HALF_OPEN {
+            return self.reject(
+                "half_open_full",
+                format!("IKE_SA_INIT from {src}: {MAX_HALF_OPEN} half-open IKE SAs already"),
+            );
+        }
+        let sa = IkeSa::responder(
+            self.conns[conn].engine.clone(),
+            dst,
+            src,
+            Box::new(OsRng),
+            Box::new(self.spis.clone()),
+        );
+        let id = self.add(now, conn, sa, false);
+        self.half_open.insert((src, header.spi_i), id);
+        if let Some(ike) = self.ikes.get_mut(&id) {
+            ike.sa.handle(now, datagram);
+        }
+        self.drain(now, id);
+    }
+
+    /// A terminal's packet hit a child's protect rule with no SA. `false`
+    /// when the SA is not one of the proxy's (the daemon handles it).
+    pub fn acquire(&mut self, now: Instant, a: &Acquire) -> bool {
+        if a.direction != Direction::Out {
+            return false;
+        }
+        let Some((conn, _child)) = self.child_of(&a.sa) else {
+            return false;
+        };
+        if self.conns[conn].cfg.start_action == StartAction::None {
+            info!(
+                "acquire for `{}`: connection `{}` has start_action = none: waiting for the counterpart to initiate; the held packets are dropped",
+                a.sa, self.conns[conn].cfg.name
+            );
+            self.actions
+                .push_back(Action::AcquireFailed { sa: a.sa.clone() });
+            return true;
+        }
+        // An IKE SA of this connection under way or up already covers it.
+        if let Some(ike) = self.ikes.values_mut().find(|k| k.conn == conn) {
+            if !ike.waiting.contains(&a.sa) && !ike.children.values().any(|c| c.name == a.sa) {
+                ike.waiting.push(a.sa.clone());
+            }
+            return true;
+        }
+        info!(
+            "acquire for `{}` ({} -> {}): initiating connection `{}` as terminal `{}`",
+            a.sa, a.src, a.dst, self.conns[conn].cfg.name, self.conns[conn].cfg.terminal
+        );
+        self.initiate(now, conn, Some(a.sa.clone()));
+        true
+    }
+
+    /// The dataplane reports an SA at a lifetime limit.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        sa: &str,
+        direction: Direction,
+        spi: u32,
+        reason: ExpireReason,
+    ) {
+        let _ = (now, sa, direction, spi, reason);
+    }
+
+    /// The daemon applied (or failed to apply) a [`Change`].
+    pub fn change_done(&mut self, now: Instant, id: u64, ok: bool) {
+        let Some(after) = self.changes.remove(&id) else {
+            return;
+        };
+        match after {
+            AfterChange::ChildInstalled { ike, inbound_spi } => {
+                if let Some(i) = self.ikes.get_mut(&ike) {
+                    if let Some(c) = i.children.get_mut(&inbound_spi) {
+                        c.installed = ok;
+                    }
+                }
+                if !ok {
+                    // The dataplane refused the SA: tell the peer it is gone.
+                    if let Some(i) = self.ikes.get_mut(&ike) {
+                        i.sa.delete_child(now, inbound_spi);
+                    }
+                    self.drain(now, ike);
+                }
+            }
+            AfterChange::Nothing => {}
+        }
+    }
+
+    // ---- admin ----
+
+    /// `bitwctl ike initiate CONNECTION`.
+    pub fn admin_initiate(&mut self, now: Instant, name: &str) -> Result<String, String> {
+        let conn = self
+            .conns
+            .iter()
+            .position(|c| c.cfg.name == name)
+            .ok_or_else(|| format!("no connection named `{name}`"))?;
+        if let Some((id, ike)) = self.ikes.iter().find(|(_, k)| k.conn == conn) {
+            return Err(format!(
+                "connection `{name}` has IKE SA #{id} already ({})",
+                if ike.sa.is_established() {
+                    "established"
+                } else {
+                    "connecting"
+                }
+            ));
+        }
+        let id = self.initiate(now, conn, None);
+        Ok(format!("initiating connection `{name}` (IKE SA #{id})"))
+    }
+
+    /// `bitwctl ike terminate CONNECTION|ID`: deletes the IKE SA(s) with
+    /// the peer; their Child SAs leave the dataplane.
+    pub fn admin_terminate(&mut self, now: Instant, what: &str) -> Result<String, String> {
+        let ids: Vec<u64> = self
+            .ikes
+            .iter()
+            .filter(|(id, k)| {
+                self.conns[k.conn].cfg.name == what || what.parse::<u64>().ok() == Some(**id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return Err(format!("no IKE SA of connection or with id `{what}`"));
+        }
+        for id in &ids {
+            if let Some(ike) = self.ikes.get_mut(id) {
+                if !ike.sa.delete(now) {
+                    // Not established: nothing to tell the peer.
+                    let conn = ike.conn;
+                    self.close(*id, conn, "terminated by the administrator");
+                    continue;
+                }
+            }
+            self.drain(now, *id);
+        }
+        Ok(format!(
+            "deleting {} IKE SA(s): {}",
+            ids.len(),
+            ids.iter()
+                .map(|i| format!("#{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
+    /// `bitwctl ike list`.
+    pub fn list(&self, now: Instant) -> Vec<IkeSaInfo> {
+        self.ikes
+            .iter()
+            .map(|(id, k)| {
+                let (local, remote) = k.sa.addresses();
+                let (spi_i, spi_r) = k.sa.spis();
+                let cfg = &self.conns[k.conn].cfg;
+                IkeSaInfo {
+                    id: *id,
+                    connection: cfg.name.clone(),
+                    terminal: cfg.terminal.clone(),
+                    local: local.to_string(),
+                    remote: remote.to_string(),
+                    state: if k.sa.is_established() {
+                        "established".into()
+                    } else {
+                        "connecting".into()
+                    },
+                    initiator: k.initiator,
+                    spi_i: format!("{spi_i:016x}"),
+                    spi_r: format!("{spi_r:016x}"),
+                    nat: k.sa.nat_detected(),
+                    age_seconds: now
+                        .saturating_duration_since(k.established.unwrap_or(k.started))
+                        .as_secs_f64(),
+                    children: k
+                        .children
+                        .values()
+                        .map(|c| ChildInfo {
+                            name: c.name.clone(),
+                            inbound_spi: format!("{:08x}", c.inbound_spi),
+                            outbound_spi: format!("{:08x}", c.outbound_spi),
+                            aead: c.aead.into(),
+                            encap: c.encap,
+                            installed: c.installed,
+                            age_seconds: now.saturating_duration_since(c.since).as_secs_f64(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    // ---- internals ----
+
+    fn reject(&mut self, reason: &str, detail: String) {
+        *self.stats.rejected.entry(reason.to_string()).or_default() += 1;
+        debug!("IKE datagram rejected ({reason}): {detail}");
+    }
+
+    /// The connection that pairs `terminal` with `peer`.
+    fn conn_for(&self, terminal: IpAddr, peer: IpAddr) -> Option<usize> {
+        self.conns
+            .iter()
+            .position(|c| c.cfg.terminal_address == terminal && c.cfg.remote_addrs.contains(&peer))
+    }
+
+    /// The connection and child an outbound SA name (`connection/child`) belongs to.
+    fn child_of(&self, sa: &str) -> Option<(usize, usize)> {
+        let (conn, child) = sa.split_once('/')?;
+        let i = self.conns.iter().position(|c| c.cfg.name == conn)?;
+        let j = self.conns[i]
+            .cfg
+            .children
+            .iter()
+            .position(|c| c.name == child)?;
+        Some((i, j))
+    }
+
+    fn add(&mut self, now: Instant, conn: usize, sa: IkeSa, initiator: bool) -> u64 {
+        let id = self.next_ike;
+        self.next_ike += 1;
+        self.ikes.insert(
+            id,
+            Ike {
+                conn,
+                sa,
+                started: now,
+                established: None,
+                initiator,
+                children: BTreeMap::new(),
+                waiting: Vec::new(),
+            },
+        );
+        id
+    }
+
+    fn initiate(&mut self, now: Instant, conn: usize, waiting: Option<String>) -> u64 {
+        let c = &self.conns[conn];
+        let local = SocketAddr::new(c.cfg.terminal_address, IKE_PORT);
+        let remote = SocketAddr::new(c.cfg.remote_addrs[0], IKE_PORT);
+        let sa = IkeSa::initiate(
+            now,
+            c.engine.clone(),
+            local,
+            remote,
+            Box::new(OsRng),
+            Box::new(self.spis.clone()),
+        );
+        let (spi_i, _) = sa.spis();
+        let id = self.add(now, conn, sa, true);
+        self.by_spi.insert(spi_i, id);
+        if let (Some(w), Some(ike)) = (waiting, self.ikes.get_mut(&id)) {
+            ike.waiting.push(w);
+        }
+        self.drain(now, id);
+        id
+    }
+
+    /// Sends what an IKE SA wants sent and acts on its events.
+    fn drain(&mut self, now: Instant, id: u64) {
+        if let Some(ike) = self.ikes.get(&id) {
+            // A responder's SPI exists once it answered IKE_SA_INIT; from
+            // then on the peer's messages carry it.
+            let (spi_i, spi_r) = ike.sa.spis();
+            let ours = if ike.initiator { spi_i } else { spi_r };
+            if ours != 0 {
+                self.by_spi.insert(ours, id);
+            }
+        }
+        loop {
+            let Some(ike) = self.ikes.get_mut(&id) else {
+                return;
+            };
+            if let Some(d) = ike.sa.poll_transmit() {
+                self.transmit(&d);
+                continue;
+            }
+            let Some(ev) = ike.sa.poll_event() else {
+                break;
+            };
+            self.event(now, id, ev);
+        }
+        let closed = self.ikes.get(&id).is_some_and(|k| k.sa.is_closed());
+        if closed {
+            let conn = self.ikes[&id].conn;
+            self.close(id, conn, "closed");
+        }
+    }
+
+    fn transmit(&mut self, d: &Datagram) {
+        let payload = wire::udp_payload(d.src, d.dst, &d.payload);
+        self.ip_id = self.ip_id.wrapping_add(1);
+        match wire::udp_datagram(d.src, d.dst, &payload, self.ip_id) {
+            Some(packet) => self.actions.push_back(Action::Inject {
+                port: PortName::Outside,
+                packet,
+            }),
+            None => info!(
+                "cannot send IKE from {} to {}: {} bytes",
+                d.src,
+                d.dst,
+                payload.len()
+            ),
+        }
+    }
+
+    fn event(&mut self, now: Instant, id: u64, ev: IkeEvent) {
+        let Some(ike) = self.ikes.get_mut(&id) else {
+            return;
+        };
+        let conn = ike.conn;
+        let name = self.conns[conn].cfg.name.clone();
+        match ev {
+            IkeEvent::IkeSaEstablished {
+                local_id,
+                remote_id,
+                suite,
+                spi_i,
+                spi_r,
+                initiator,
+                local,
+                remote,
+                nat_detected,
+                initial_contact,
+            } => {
+                ike.established = Some(now);
+                let took = now.saturating_duration_since(ike.started);
+                let ours = if initiator { spi_i } else { spi_r };
+                self.half_open.retain(|_, v| *v != id);
+                self.by_spi.insert(ours, id);
+                *self.stats.handshakes.entry("ok".into()).or_default() += 1;
+                self.stats.handshake_seconds.push(took.as_secs_f64());
+                let suite = [
+                    Some(suite.encryption.name()),
+                    suite.integrity.map(|i| i.name()),
+                    Some(suite.prf.name()),
+                    Some(suite.dh.name()),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("-");
+                info!(
+                    "IKE SA #{id} of connection `{name}` established as {} ({local} [{local_id}] <-> {remote} [{remote_id}]), {suite}, SPIs {spi_i:016x}_i {spi_r:016x}_r{}, in {:.1} ms",
+                    if initiator { "initiator" } else { "responder" },
+                    if nat_detected { ", NAT-T (ESP in UDP 4500)" } else { "" },
+                    took.as_secs_f64() * 1e3
+                );
+                if initial_contact {
+                    self.initial_contact(now, id, conn);
+                }
+            }
+            IkeEvent::ChildSaEstablished(child) => self.child_up(now, id, child),
+            IkeEvent::ChildSaFailed {
+                name: child,
+                reason,
+            } => {
+                info!("IKE SA #{id} (`{name}`): Child SA `{child}` refused: {reason}");
+                *self
+                    .stats
+                    .child_sas
+                    .entry(format!("failed_{reason}"))
+                    .or_default() += 1;
+                let waiting = std::mem::take(&mut ike.waiting);
+                for sa in waiting {
+                    self.actions.push_back(Action::AcquireFailed { sa });
+                }
+            }
+            IkeEvent::ChildSaDeleted {
+                name: child,
+                inbound_spi,
+                outbound_spi,
+            } => {
+                info!(
+                    "IKE SA #{id} (`{name}`): Child SA `{child}` deleted (SPIs {inbound_spi:08x}_i {outbound_spi:08x}_o)"
+                );
+                if let Some(rec) = ike.children.remove(&inbound_spi) {
+                    self.remove_child(id, conn, &rec);
+                }
+            }
+            IkeEvent::Failed { reason, detail } => {
+                if ike.established.is_none() {
+                    *self.stats.handshakes.entry(reason.to_string()).or_default() += 1;
+                }
+                info!("IKE SA #{id} of connection `{name}` failed ({reason}): {detail}");
+            }
+            IkeEvent::Deleted => info!("IKE SA #{id} of connection `{name}` deleted"),
+        }
+    }
+
+    /// The peer holds no other IKE SA with this terminal: older ones of the
+    /// connection are stale (RFC 7296 §2.4).
+    fn initial_contact(&mut self, _now: Instant, id: u64, conn: usize) {
+        let stale: Vec<u64> = self
+            .ikes
+            .iter()
+            .filter(|(other, k)| **other != id && k.conn == conn && k.established.is_some())
+            .map(|(other, _)| *other)
+            .collect();
+        for s in stale {
+            info!("IKE SA #{s}: the peer sent INITIAL_CONTACT on #{id}, so #{s} is stale and goes");
+            self.close(s, conn, "replaced after INITIAL_CONTACT");
+        }
+    }
+
+    fn child_up(&mut self, now: Instant, id: u64, child: ChildSaEstablished) {
+        let Some(ike) = self.ikes.get_mut(&id) else {
+            return;
+        };
+        let conn = ike.conn;
+        let cfg = &self.conns[conn].cfg;
+        let (spec_child, cchild) = match cfg.children.iter().find(|c| c.name == child.name) {
+            Some(c) => (c.name.clone(), c),
+            // The engine names the first child after the connection today.
+            None => (cfg.children[0].name.clone(), &cfg.children[0]),
+        };
+        let out_name = cfg.child_sa_name(&spec_child);
+        let local = child.local.ip();
+        let remote = child.remote.ip();
+        let (encap, sport, dport) = match child.udp_encap {
+            Some(u) => ("udp", u.local_port, u.remote_port),
+            None => ("none", NAT_T_PORT, NAT_T_PORT),
+        };
+        let mode = match child.mode {
+            ChildMode::Tunnel => "tunnel",
+            ChildMode::Transport => "transport",
+        };
+        let tunnel = child.mode == ChildMode::Tunnel;
+        let limits = |soft: u64, hard: u64| LimitsSpec { soft, hard };
+        let out = SaSpec {
+            name: out_name.clone(),
+            direction: Direction::Out,
+            spi: child.outbound_spi,
+            mode: mode.into(),
+            tunnel_src: tunnel.then_some(local),
+            tunnel_dst: tunnel.then_some(remote),
+            encap: encap.into(),
+            udp_sport: sport,
+            udp_dport: dport,
+            aead: child.aead.name().into(),
+            key: hex_key(&child.outbound_keys),
+            esn: child.esn,
+            replay_window: 0,
+            lifetime_packets: limits(cchild.rekey_packets, cchild.life_packets),
+            lifetime_bytes: limits(cchild.rekey_bytes, cchild.life_bytes),
+            origin: Origin::Ike,
+        };
+        let inb = SaSpec {
+            name: inbound_sa_name(&out_name, child.inbound_spi),
+            direction: Direction::In,
+            spi: child.inbound_spi,
+            mode: mode.into(),
+            tunnel_src: tunnel.then_some(remote),
+            tunnel_dst: tunnel.then_some(local),
+            encap: encap.into(),
+            // Inbound ESP-in-UDP is recognised by its destination port: ours.
+            udp_sport: dport,
+            udp_dport: sport,
+            aead: child.aead.name().into(),
+            key: hex_key(&child.inbound_keys),
+            esn: child.esn,
+            replay_window: cchild.replay_window,
+            lifetime_packets: limits(cchild.rekey_packets, cchild.life_packets),
+            lifetime_bytes: limits(cchild.rekey_bytes, cchild.life_bytes),
+            origin: Origin::Ike,
+        };
+        info!(
+            "IKE SA #{id}: Child SA `{out_name}` up: {mode}, {}, SPIs {:08x}_i {:08x}_o{}{}",
+            child.aead.name(),
+            child.inbound_spi,
+            child.outbound_spi,
+            if child.udp_encap.is_some() {
+                ", ESP in UDP"
+            } else {
+                ""
+            },
+            match child.rekeys {
+                Some(old) => format!(", rekeying {old:08x}_i"),
+                None => String::new(),
+            }
+        );
+        *self
+            .stats
+            .child_sas
+            .entry("established".into())
+            .or_default() += 1;
+        let aead = child.aead.name();
+        ike.children.insert(
+            child.inbound_spi,
+            ChildRec {
+                name: out_name.clone(),
+                inbound_spi: child.inbound_spi,
+                outbound_spi: child.outbound_spi,
+                aead,
+                encap: child.udp_encap.is_some(),
+                installed: false,
+                since: now,
+            },
+        );
+        ike.waiting.retain(|w| *w != out_name);
+        let change = self.next_change;
+        self.next_change += 1;
+        self.changes.insert(
+            change,
+            AfterChange::ChildInstalled {
+                ike: id,
+                inbound_spi: child.inbound_spi,
+            },
+        );
+        self.actions.push_back(Action::Change(Change {
+            id: change,
+            what: format!(
+                "Child SA `{out_name}` of IKE SA #{id} (SPIs {:08x}_i {:08x}_o)",
+                child.inbound_spi, child.outbound_spi
+            ),
+            install: vec![inb, out],
+            remove: vec![],
+        }));
+    }
+
+    /// Takes a Child SA's SAs out of the dataplane. The outbound SA goes
+    /// only if it is still this child's (a rekey may have replaced it).
+    fn remove_child(&mut self, id: u64, conn: usize, rec: &ChildRec) {
+        self.spis
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&rec.inbound_spi);
+        let mut remove = vec![(inbound_sa_name(&rec.name, rec.inbound_spi), Direction::In)];
+        let newer = self
+            .ikes
+            .values()
+            .flat_map(|k| k.children.values())
+            .any(|c| c.name == rec.name && c.inbound_spi != rec.inbound_spi);
+        if !newer {
+            remove.push((rec.name.clone(), Direction::Out));
+        }
+        let _ = conn;
+        let change = self.next_change;
+        self.next_change += 1;
+        self.changes.insert(change, AfterChange::Nothing);
+        self.actions.push_back(Action::Change(Change {
+            id: change,
+            what: format!(
+                "Child SA `{}` of IKE SA #{id} gone (SPI {:08x}_i)",
+                rec.name, rec.inbound_spi
+            ),
+            install: vec![],
+            remove,
+        }));
+    }
+
+    /// Forgets an IKE SA; its Child SAs leave the dataplane, and acquires
+    /// waiting on it fail.
+    fn close(&mut self, id: u64, conn: usize, why: &str) {
+        let Some(ike) = self.ikes.remove(&id) else {
+            return;
+        };
+        debug!(
+            "IKE SA #{id} of connection `{}` removed: {why}",
+            self.conns[conn].cfg.name
+        );
+        self.by_spi.retain(|_, v| *v != id);
+        self.half_open.retain(|_, v| *v != id);
+        for rec in ike.children.values() {
+            self.remove_child(id, conn, rec);
+        }
+        for sa in ike.waiting {
+            self.actions.push_back(Action::AcquireFailed { sa });
+        }
+    }
+}
+
+/// Inbound SAs are named by their SPI: during a rekey two of them live side
+/// by side.
+pub fn inbound_sa_name(out_name: &str, _spi: u32) -> String {
+    out_name.to_string()
+}
