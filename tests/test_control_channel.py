@@ -19,7 +19,8 @@ leaves the namespace. The control socket is a file in the test's tmp_path.
 
 Covered: the handshake (version negotiation, wrong magic, one session at a
 time, reconnect), Apply (SAs and rules installed while traffic flows, the ESP
-checked with Scapy; errors name the field and change nothing), punted IKE (port
+checked with Scapy; errors name the field and change nothing), inbound SAs
+sharing a policy name (make-before-break rekeying), punted IKE (port
 500, NAT-T with the non-ESP marker, not ESP-in-UDP), Inject with learned MACs,
 acquire and the hold store (release in order, AcquireFailed, timeout,
 overflow), neighbours learnt from ARP and NDP, Expire events, GetStats and
@@ -43,7 +44,10 @@ import pytest
 from scapy.all import ARP, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr
 from scapy.all import IP, UDP, Dot1Q, Ether, IPv6, Raw
 
-from bitw_esp import SaSpec, esp_spi, outbound_problems, parse_esp_frame, scapy_decrypt
+from bitw_esp import (
+    R, T, SaSpec, decapsulated, encrypt_inbound, esp_spi, outbound_problems, parse_esp_frame,
+    scapy_decrypt,
+)
 from bitw_testlib import (
     CONTROL_DROP_REASONS, DROP_REASONS, EXIT_DPDK, EXIT_OK, render_config, run_binary,
     unique_prefix,
@@ -531,6 +535,8 @@ def test_apply_errors_name_the_field_and_change_nothing(start, wire):
          "policy.rules[1]: rule `a`: name: used by an earlier rule"),
         (dict(policy=policy(rule_json("p", "protect"))), "rule `p`: sa"),
         (dict(policy=policy(rule_json("u", "bypass", proto="gre"))), "rule `u`: proto"),
+        # A policy name is for inbound SAs only.
+        (dict(sas=[sa_json(HQ, policy="p")]), "SA `to-hq`: policy: only inbound SAs"),
     ]
     for fields, want in cases:
         r = c.request("apply", **fields)
@@ -547,6 +553,64 @@ def test_apply_errors_name_the_field_and_change_nothing(start, wire):
     c.close()
     s = dp.stop()
     assert s["drops"]["policy_discard"] == 1
+
+
+def test_inbound_sas_sharing_a_policy_name_pass_its_rules(start, wire):
+    """Make-before-break rekeying of a Child SA: the old and the new inbound SA
+    (other SPIs, other keys) share `policy = "p"`, and one inbound protect rule
+    `sa = "p"` accepts what either decrypts to. Removing the old SA leaves its
+    SPI unknown (`no_sa`) and the rule working for the new one; an inbound SA
+    under another policy name decrypts but fails the rule (`policy_mismatch`)."""
+    dp = start()
+    c = Client(dp.socket)
+    c.welcome()
+    old = SaSpec("child-1", "in", 0x3001, "tunnel", "172.16.0.2", "172.16.0.1")
+    new = SaSpec("child-1-rekeyed", "in", 0x3002, "tunnel", "172.16.0.2", "172.16.0.1")
+    other = SaSpec("child-2", "in", 0x3003, "tunnel", "172.16.0.2", "172.16.0.1")
+    assert old.key != new.key != other.key
+    rule = rule_json("hq-in", "protect", sa="p", direction="in", src=HQ_NET, dst="10.0.0.0/24")
+    r = c.ok("apply", "applied", sas=[sa_json(old, policy="p"), sa_json(new, policy="p"),
+                                      sa_json(other)], policy=policy(rule))
+    assert (r["sas_installed"], r["rules"]) == (3, 1), r
+    st = {s["name"]: s for s in c.ok("get_state", "state")["sas"]}
+    assert st["child-1"]["policy"] == st["child-1-rekeyed"]["policy"] == "p", st
+    assert "policy" not in st["child-2"], "no policy name: the SA's own name, not reported"
+
+    l2 = bytes(Ether(src=R, dst=T))
+
+    def inner(n):
+        return IP(src="10.1.0.5", dst=T_IP) / UDP(sport=9999, dport=40000) / Raw(b"inbound-%04d" % n)
+
+    def send(spec, seq, n):
+        wire.send("teo", encrypt_inbound(spec, inner(n), seq, l2=l2))
+
+    # Both SPIs of the Child SA decrypt and pass the one rule; the other SA's
+    # packet decrypts but is not what the rule's SAs may carry.
+    send(old, 1, 1)
+    send(new, 1, 2)
+    send(other, 1, 3)
+    got = wire.wait("tei", 2)
+    time.sleep(0.3)
+    assert wire.frames("tei") == got == [decapsulated(l2, inner(1)), decapsulated(l2, inner(2))], \
+        [Ether(f).summary() for f in wire.frames("tei")]
+
+    # The old SA goes; the rule stays and keeps working for the new one.
+    r = c.ok("apply", "applied", sas=[{"op": "remove", "name": "child-1", "direction": "in"}])
+    assert r["sas_removed"] == 1, r
+    wire.clear()
+    send(old, 2, 4)
+    send(new, 2, 5)
+    got = wire.wait("tei", 1)
+    time.sleep(0.3)
+    assert wire.frames("tei") == got == [decapsulated(l2, inner(5))], \
+        [Ether(f).summary() for f in wire.frames("tei")]
+    st = c.ok("get_state", "state")
+    assert sorted(s["name"] for s in st["sas"]) == ["child-1-rekeyed", "child-2"], st["sas"]
+    c.close()
+    s = dp.stop()
+    assert s["esp_decrypted"] == 3, s
+    assert (s["drops"]["no_sa"], s["drops"]["policy_mismatch"]) == (1, 1), s["drops"]
+    assert sum(s["drops"].values()) == 2, s["drops"]
 
 
 def ike_frame(src=PEER_IP, dst=T_IP, sport=500, dport=500, payload=b"IKE_SA_INIT", smac=R_MAC,

@@ -301,6 +301,7 @@ struct RawSa {
     lifetime_packets: RawLimits,
     #[serde(default)]
     lifetime_bytes: RawLimits,
+    policy: Option<Spanned<String>>,
 }
 
 fn default_true() -> bool {
@@ -1116,6 +1117,19 @@ fn load_sas(ctx: &Ctx, raw: Vec<RawSa>, policies: &[Rule]) -> Result<Vec<SaParam
             (None, Direction::In) => 1024,
             (None, Direction::Out) => 0,
         };
+        let policy = match (&r.policy, r.direction) {
+            (None, _) => None,
+            (Some(p), Direction::Out) => {
+                return ctx.err(p.span(), field("policy"), "policy is for inbound SAs (direction = \"in\"); an outbound SA is replaced by name".into())
+            }
+            (Some(p), Direction::In) => {
+                let p = p.get_ref().trim();
+                if p.is_empty() {
+                    return ctx.err(r.policy.as_ref().unwrap().span(), field("policy"), "empty policy name (leave it out to use the SA's name)".into());
+                }
+                Some(p.to_string())
+            }
+        };
         for (lname, l) in [
             ("lifetime_packets", r.lifetime_packets),
             ("lifetime_bytes", r.lifetime_bytes),
@@ -1170,12 +1184,32 @@ fn load_sas(ctx: &Ctx, raw: Vec<RawSa>, policies: &[Rule]) -> Result<Vec<SaParam
                 soft: r.lifetime_bytes.soft,
                 hard: r.lifetime_bytes.hard,
             },
+            policy,
         });
     }
-    // Every protect rule must name an SA of its own direction.
+    // Every protect rule must name an SA of its own direction; an inbound
+    // rule names inbound SAs by their policy name (the SA's name by default).
     for (i, rule) in policies.iter().enumerate() {
         if let Action::Protect { sa } = &rule.action {
+            if rule.direction == Direction::In
+                && sas
+                    .iter()
+                    .any(|s| s.direction == Direction::In && s.policy_name() == sa)
+            {
+                continue;
+            }
             match sas.iter().find(|s| &s.name == sa) {
+                Some(s) if s.direction == rule.direction && s.direction == Direction::In => {
+                    return Err(ConfigError {
+                        file: ctx.file.to_path_buf(),
+                        line: ctx.line_of_policy(i),
+                        field: Some(format!("policy[{i}].sa")),
+                        message: format!(
+                            "SA `{sa}` has policy = \"{}\": inbound rules name it by that",
+                            s.policy_name()
+                        ),
+                    })
+                }
                 Some(s) if s.direction == rule.direction => {}
                 Some(s) => {
                     return Err(ConfigError {
@@ -1195,7 +1229,11 @@ fn load_sas(ctx: &Ctx, raw: Vec<RawSa>, policies: &[Rule]) -> Result<Vec<SaParam
                         file: ctx.file.to_path_buf(),
                         line: ctx.line_of_policy(i),
                         field: Some(format!("policy[{i}].sa")),
-                        message: format!("no [[sa]] is named `{sa}`"),
+                        message: if rule.direction == Direction::In {
+                            format!("no [[sa]] is named `{sa}` or has policy = \"{sa}\"")
+                        } else {
+                            format!("no [[sa]] is named `{sa}`")
+                        },
                     })
                 }
             }
@@ -1562,6 +1600,40 @@ sa = "to-hq"
                 || e.message.contains("is an out SA"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sa_policy_names() {
+        // Two inbound SAs under one policy name; the inbound rule names the policy.
+        let two = |tag: &str, rule_sa: &str| {
+            format!(
+                "{}\n[[sa]]\nname = \"to-hq-new\"\ndirection = \"in\"\nspi = 4098\nmode = \"transport\"\naead = \"aes128gcm16\"\nkey_file = \"{}\"\npolicy = \"hq-in\"\n",
+                with_sa(tag, "policy = \"hq-in\"\n"),
+                key_file(&format!("{tag}b"), 0o600, KEY20).display()
+            )
+            .replace("sa = \"to-hq\"", &format!("sa = \"{rule_sa}\""))
+        };
+        let c = parse(&two("pol1", "hq-in")).unwrap();
+        assert_eq!(c.sas[0].policy.as_deref(), Some("hq-in"));
+        assert_eq!(c.sas[1].policy_name(), "hq-in");
+        // The SA's own name no longer answers once it has a policy name.
+        let e = parse(&two("pol2", "to-hq")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("policy[1].sa"), "{e}");
+        assert!(e.message.contains("has policy = \"hq-in\""), "{e}");
+        let e = parse(&two("pol3", "nobody")).unwrap_err();
+        assert!(e.message.contains("or has policy = \"nobody\""), "{e}");
+        // Without policy the name is the policy name (the GOOD rule names `to-hq`).
+        assert_eq!(parse(&with_sa("pol4", "")).unwrap().sas[0].policy, None);
+        // Outbound SAs take none; an empty one is refused.
+        let e = parse(
+            &with_sa("pol5", "policy = \"p\"\n")
+                .replace("direction = \"in\"\nspi", "direction = \"out\"\nspi"),
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("sa[0].policy"), "{e}");
+        assert!(e.message.contains("policy is for inbound SAs"), "{e}");
+        let e = parse(&with_sa("pol6", "policy = \" \"\n")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("sa[0].policy"), "{e}");
     }
 
     #[test]

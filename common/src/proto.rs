@@ -142,6 +142,9 @@ pub struct Batch {
     pub punt_addrs: Option<Vec<IpAddr>>,
 }
 
+// Batches are control messages, not packet-path data: a few hundred bytes per
+// change do not matter, and boxing would change every constructor.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum SaChange {
@@ -438,6 +441,12 @@ pub struct SaSpec {
     pub lifetime_bytes: LimitsSpec,
     #[serde(default)]
     pub origin: Origin,
+    /// Inbound SAs: the name inbound protect rules use for this SA; absent:
+    /// the SA's own name. Several inbound SAs may share one (make-before-break
+    /// rekeying: the old and the new SA of a Child SA under the same rule).
+    /// Outbound SAs must not have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 fn nat_t_port() -> u16 {
@@ -454,6 +463,7 @@ impl fmt::Debug for SaSpec {
             .field("mode", &self.mode)
             .field("aead", &self.aead)
             .field("origin", &self.origin)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -491,6 +501,7 @@ impl SaSpec {
                 hard: p.lifetime_bytes.hard,
             },
             origin,
+            policy: p.policy.clone(),
         }
     }
 
@@ -567,6 +578,22 @@ impl SaSpec {
         if self.replay_window > 1 << 20 {
             return Err(ctx("replay_window", "more than 1048576 packets"));
         }
+        match (&self.policy, self.direction) {
+            (None, _) => {}
+            (Some(_), Direction::Out) => {
+                return Err(ctx(
+                    "policy",
+                    "only inbound SAs take a policy name (an outbound SA is replaced by name)",
+                ))
+            }
+            (Some(p), Direction::In) if p.trim().is_empty() || p.trim() != p => {
+                return Err(ctx(
+                    "policy",
+                    "empty, or with leading or trailing white space",
+                ))
+            }
+            (Some(_), Direction::In) => {}
+        }
         Ok(SaParams {
             name: self.name.clone(),
             direction: self.direction,
@@ -585,6 +612,7 @@ impl SaSpec {
                 soft: self.lifetime_bytes.soft,
                 hard: self.lifetime_bytes.hard,
             },
+            policy: self.policy.clone(),
         })
     }
 
@@ -696,6 +724,10 @@ pub struct SaInfo {
     pub sequence: u64,
     pub expired: bool,
     pub owner_worker: usize,
+    /// Inbound: the name inbound protect rules use for this SA when it is
+    /// not the SA's own (see [`SaSpec::policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 impl SaInfo {
@@ -719,6 +751,7 @@ impl SaInfo {
             sequence: 0,
             expired: false,
             owner_worker: 0,
+            policy: spec.policy.clone(),
         }
     }
 }
@@ -917,6 +950,7 @@ mod tests {
             lifetime_packets: LimitsSpec::default(),
             lifetime_bytes: LimitsSpec::default(),
             origin: Origin::Admin,
+            policy: None,
         }
     }
 
@@ -950,6 +984,41 @@ mod tests {
         let mut s = spec();
         s.aead = "des".into();
         assert!(s.to_params().unwrap_err().contains("aead"));
+        // A policy name is for inbound SAs only.
+        let mut s = spec();
+        s.policy = Some("p".into());
+        assert!(s
+            .to_params()
+            .unwrap_err()
+            .contains("SA `to-hq`: policy: only inbound SAs"));
+        s.direction = Direction::In;
+        assert_eq!(s.to_params().unwrap().policy_name(), "p");
+        s.policy = Some(" ".into());
+        assert!(s.to_params().unwrap_err().contains("policy"));
+    }
+
+    #[test]
+    fn sa_policy_is_optional_on_the_wire_and_part_of_the_fingerprint() {
+        let mut s = spec();
+        s.direction = Direction::In;
+        let j = serde_json::to_string(&s).unwrap();
+        assert!(!j.contains("policy"), "absent, not null: {j}");
+        // JSON from before the field still decodes, to the same SA.
+        let back: SaSpec = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.to_params().unwrap().policy_name(), "to-hq");
+        let plain = s.fingerprint();
+        s.policy = Some("p".into());
+        let j = serde_json::to_string(&s).unwrap();
+        assert!(j.contains("\"policy\":\"p\""), "{j}");
+        assert_ne!(s.fingerprint(), plain, "another policy: another SA");
+        let p = s.to_params().unwrap();
+        assert_eq!(SaSpec::from_params(&p, Origin::Admin), s);
+        assert_eq!(params_fingerprint(&p), s.fingerprint());
+        let info = SaInfo::from_spec(&s);
+        assert_eq!(info.policy.as_deref(), Some("p"));
+        let j = serde_json::to_string(&info).unwrap();
+        assert!(j.contains("\"policy\":\"p\""), "{j}");
     }
 
     #[test]

@@ -96,6 +96,18 @@ pub struct SaParams {
     pub replay_window: u32,
     pub lifetime_packets: Limits,
     pub lifetime_bytes: Limits,
+    /// Inbound: the name inbound protect rules use for this SA (several SAs
+    /// may share one, e.g. the old and the new SA of a Child SA being
+    /// rekeyed); `None`: the SA's own name. Outbound SAs have none.
+    pub policy: Option<String>,
+}
+
+impl SaParams {
+    /// The name an inbound protect rule gives to accept this SA's packets:
+    /// `policy` if set, else the SA's name.
+    pub fn policy_name(&self) -> &str {
+        self.policy.as_deref().unwrap_or(&self.name)
+    }
 }
 
 impl fmt::Debug for SaParams {
@@ -110,6 +122,7 @@ impl fmt::Debug for SaParams {
             .field("alg", &self.alg)
             .field("esn", &self.esn)
             .field("replay_window", &self.replay_window)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }

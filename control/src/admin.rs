@@ -228,7 +228,10 @@ pub struct SaEntry {
     pub sequence: Option<u64>,
     pub owner_worker: Option<usize>,
     pub fingerprint: Option<String>,
-    /// Protect rules naming the SA.
+    /// Inbound: the name inbound protect rules use for the SA when it is not
+    /// its own (`null`: the SA's name).
+    pub policy: Option<String>,
+    /// Protect rules naming the SA (inbound: naming its policy name).
     pub rules: Vec<String>,
     pub acquires: u64,
 }

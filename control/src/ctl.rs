@@ -197,6 +197,10 @@ pub struct SaAddArgs {
     /// SOFT:HARD bytes, 0 = no limit
     #[arg(long, value_parser = parse_limits, value_name = "SOFT:HARD")]
     pub lifetime_bytes: Option<LimitsSpec>,
+    /// Inbound SAs: the name inbound protect rules use for this SA (several
+    /// SAs may share one, e.g. the old and new SA of a rekey) [default: --name]
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -275,6 +279,12 @@ impl SaAddArgs {
         if direction == Direction::Out && self.replay_window.is_some() {
             return Err("--replay-window is for inbound SAs (--direction in)".into());
         }
+        if direction == Direction::Out && self.policy.is_some() {
+            return Err(
+                "--policy is for inbound SAs (--direction in); an outbound SA is replaced by name"
+                    .into(),
+            );
+        }
         let key = crate::keyfile::read_key_file(&self.key_file)?;
         let spec = SaSpec {
             name: self.name.trim().to_string(),
@@ -304,6 +314,7 @@ impl SaAddArgs {
             lifetime_packets: self.lifetime_packets.unwrap_or_default(),
             lifetime_bytes: self.lifetime_bytes.unwrap_or_default(),
             origin: Origin::Admin,
+            policy: self.policy.as_ref().map(|p| p.trim().to_string()),
         };
         // The same checks control and the dataplane make, with a message that
         // names the field (never the key).
@@ -700,6 +711,17 @@ fn fmt_sa_show(v: &[SaEntry]) -> String {
             ("aead", e.aead.clone()),
             ("esn", e.esn.to_string()),
             ("replay window", e.replay_window.to_string()),
+        ]);
+        if e.direction == Direction::In {
+            kv.push((
+                "policy",
+                match &e.policy {
+                    Some(p) => p.clone(),
+                    None => format!("{} (its name)", e.name),
+                },
+            ));
+        }
+        kv.extend([
             ("lifetime packets", lim(&e.lifetime_packets)),
             ("lifetime bytes", lim(&e.lifetime_bytes)),
             (
@@ -1075,6 +1097,18 @@ mod tests {
         assert!(req_of(&sa_add(&["--udp-sport", "4500"], &k))
             .unwrap_err()
             .contains("--encap udp"));
+        // A policy name: inbound only, and it reaches the spec.
+        assert!(req_of(&sa_add(&["--policy", "p"], &k))
+            .unwrap_err()
+            .contains("--policy is for inbound SAs"));
+        let mut args = sa_add(&["--policy", "hq-in"], &k);
+        let i = args.iter().position(|a| a == "out").unwrap();
+        args[i] = "in".into();
+        let AdminRequest::SaAdd { sa } = req_of(&args).unwrap() else {
+            panic!("not an sa add")
+        };
+        assert_eq!(sa.policy.as_deref(), Some("hq-in"));
+        assert_eq!(sa.to_params().unwrap().policy_name(), "hq-in");
     }
 
     #[test]

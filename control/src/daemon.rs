@@ -1385,7 +1385,8 @@ impl Engine {
                     sequence: held.map(|h| h.sequence),
                     owner_worker: held.map(|h| h.owner_worker),
                     fingerprint: fp,
-                    rules: self.desired.rules_using(&d.name, d.direction),
+                    policy: base.policy.clone(),
+                    rules: self.desired.rules_using(d.policy_name(), d.direction),
                     acquires: self.acquired.get(&d.key()).map_or(0, |r| r.count),
                 })
             })
@@ -1401,11 +1402,12 @@ impl Engine {
             .map(|(i, r)| {
                 let s = &r.spec;
                 let sa_installed = match (&s.sa, dp) {
-                    (Some(sa), Some(st)) => Some(
-                        st.sas
-                            .iter()
-                            .any(|x| &x.name == sa && x.direction == s.direction && !x.expired),
-                    ),
+                    (Some(sa), Some(st)) => Some(st.sas.iter().any(|x| {
+                        // Inbound rules name SAs by policy name.
+                        x.policy.as_deref().unwrap_or(&x.name) == sa
+                            && x.direction == s.direction
+                            && !x.expired
+                    })),
                     _ => None,
                 };
                 PolicyEntry {

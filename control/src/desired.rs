@@ -74,6 +74,17 @@ impl DesiredSa {
     pub fn is_adopted(&self) -> bool {
         self.spec.is_none()
     }
+
+    /// The name protect rules of its direction give this SA: inbound, its
+    /// `policy` if it has one; else its name.
+    pub fn policy_name(&self) -> &str {
+        let policy = match (&self.spec, &self.adopted) {
+            (Some(s), _) => s.policy.as_deref(),
+            (None, Some(i)) => i.policy.as_deref(),
+            (None, None) => None,
+        };
+        policy.unwrap_or(&self.name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,7 +350,17 @@ impl Desired {
         }
     }
 
-    /// Names of the protect rules that use an SA.
+    /// The SAs of a direction that protect rules naming `name` use (inbound:
+    /// those whose policy name it is; outbound: the SA of that name).
+    pub fn sas_answering(&self, name: &str, direction: Direction) -> Vec<&DesiredSa> {
+        self.sas
+            .iter()
+            .filter(|s| s.direction == direction && s.policy_name() == name)
+            .collect()
+    }
+
+    /// Names of the protect rules of a direction that name `name` (an SA's
+    /// name, or inbound, its policy name).
     pub fn rules_using(&self, name: &str, direction: Direction) -> Vec<String> {
         self.rules
             .iter()
@@ -379,8 +400,14 @@ impl Desired {
             ));
         }
         let mut notes = Vec::new();
-        let users = self.rules_using(&spec.name, spec.direction);
-        if users.is_empty() {
+        let pname = spec.policy.as_deref().unwrap_or(&spec.name);
+        let users = self.rules_using(pname, spec.direction);
+        if users.is_empty() && pname != spec.name {
+            notes.push(format!(
+                "no inbound protect rule names policy `{pname}` of SA `{}` yet (add one with `bitwctl policy add … --direction in --action protect --sa {pname}`)",
+                spec.name
+            ));
+        } else if users.is_empty() {
             notes.push(format!(
                 "no protect rule uses SA `{}` yet (add one with `bitwctl policy add … --action protect --sa {}`)",
                 spec.name, spec.name
@@ -417,8 +444,21 @@ impl Desired {
                     s.direction.as_str()
                 ));
             }
-            let users = self.rules_using(&s.name, s.direction);
-            if !users.is_empty() {
+            // Inbound, rules name a policy name; another SA may still answer to it.
+            let pname = s.policy_name();
+            let others = self
+                .sas_answering(pname, s.direction)
+                .iter()
+                .any(|o| !hit(o));
+            let users = self.rules_using(pname, s.direction);
+            if !users.is_empty() && others {
+                // The rules keep working with the SAs that remain.
+            } else if !users.is_empty() && s.direction == Direction::In {
+                notes.push(format!(
+                    "inbound protect rule(s) {} still name `{pname}`: no SA answers to it any more, so what they match is dropped",
+                    users.join(", "),
+                ));
+            } else if !users.is_empty() {
                 notes.push(format!(
                     "protect rule(s) {} still name SA `{}`: their packets are now held and acquired",
                     users.join(", "),
@@ -451,10 +491,16 @@ impl Desired {
         }
         let mut notes = Vec::new();
         if let Action::Protect { sa } = &rule.action {
-            let same = self.find_sa(sa, rule.direction);
+            let same = self.sas_answering(sa, rule.direction).first().copied();
             let other = self.sas.iter().find(|s| &s.name == sa);
             match (same, other) {
                 (Some(_), _) => {}
+                (None, Some(o)) if o.direction == rule.direction => {
+                    return Err(format!(
+                        "SA `{sa}` has policy `{}`: inbound rules name it by that",
+                        o.policy_name()
+                    ))
+                }
                 (None, Some(o)) => {
                     return Err(format!(
                         "SA `{sa}` is an {} SA but rule `{}` is for direction {}",
@@ -463,6 +509,9 @@ impl Desired {
                         rule.direction.as_str()
                     ))
                 }
+                (None, None) if rule.direction == Direction::In => notes.push(format!(
+                    "no inbound SA is named `{sa}` or has policy `{sa}` yet: what this rule matches is dropped until one is"
+                )),
                 (None, None) => notes.push(format!(
                     "SA `{sa}` is not installed yet: packets this rule matches will be held and acquired until it is"
                 )),
@@ -705,6 +754,7 @@ mod tests {
             lifetime_packets: LimitsSpec::default(),
             lifetime_bytes: LimitsSpec::default(),
             origin,
+            policy: None,
         }
     }
 
@@ -749,6 +799,7 @@ mod tests {
             sequence: packets,
             expired: false,
             owner_worker: 0,
+            policy: s.policy.clone(),
         }
     }
 
@@ -803,6 +854,43 @@ mod tests {
         let mut i = info(&a, 42);
         i.origin = Origin::Admin;
         assert!(plan(&d, &state_of(&d, vec![i]), &Removals::default()).is_empty());
+    }
+
+    #[test]
+    fn inbound_sas_sharing_a_policy_name() {
+        let pol = |mut s: SaSpec| {
+            s.policy = Some("p".into());
+            s
+        };
+        let a = pol(sa("a", Direction::In, 0x600, Origin::Admin));
+        let r = rule("r", Direction::In, "protect", Some("p"), Origin::Admin);
+        let d = desired(vec![a.clone()], vec![r]);
+        assert_eq!(d.rules_using(d.sas[0].policy_name(), Direction::In), ["r"]);
+        // The rekeyed SA joins the policy name: the rule already covers it.
+        let (d, notes) = d
+            .add_sa(pol(sa("b", Direction::In, 0x601, Origin::Admin)))
+            .unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(d.sas_answering("p", Direction::In).len(), 2);
+        // The old one goes: the rule keeps working for the new one, no note.
+        let (d1, _, notes) = d.del_sa("a", Some(Direction::In)).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        let (_, _, notes) = d1.del_sa("b", Some(Direction::In)).unwrap();
+        assert!(notes[0].contains("still name `p`"), "{notes:?}");
+        // A rule naming an SA by its own name while it has a policy name is refused.
+        let e = d
+            .add_rule(
+                rule("ra", Direction::In, "protect", Some("a"), Origin::Admin),
+                None,
+                None,
+            )
+            .unwrap_err();
+        assert!(e.contains("has policy `p`"), "{e}");
+        // A changed policy name makes another SA: replaced.
+        let plain = sa("a", Direction::In, 0x600, Origin::Admin);
+        let st = state_of(&d, vec![info(&plain, 1)]);
+        let p = plan(&desired(vec![a], vec![]), &st, &Removals::default());
+        assert_eq!(names(&p.replaces), ["a"]);
     }
 
     #[test]

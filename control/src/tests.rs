@@ -186,6 +186,7 @@ fn sa_spec(name: &str, direction: Direction, spi: u32, key: &str) -> SaSpec {
         lifetime_packets: Default::default(),
         lifetime_bytes: Default::default(),
         origin: Origin::Admin,
+        policy: None,
     }
 }
 

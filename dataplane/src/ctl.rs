@@ -824,6 +824,7 @@ impl<'a> Ctl<'a> {
                     },
                     expired: sa.is_expired(),
                     owner_worker: sa.owner,
+                    policy: spec.policy.clone(),
                 }
             })
             .collect()

@@ -844,6 +844,7 @@ mod tests {
                 replay_window: if direction == Direction::In { 64 } else { 0 },
                 lifetime_packets: Limits::default(),
                 lifetime_bytes: Limits::default(),
+                policy: None,
             },
             0,
         )

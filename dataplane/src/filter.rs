@@ -35,8 +35,10 @@ pub enum Verdict {
     },
     /// No rule matched and the default action is discard.
     DefaultDiscard,
-    /// A protect rule matched; `rule` indexes the direction's rules, `sa` is the
-    /// slot of its SA in the SA database.
+    /// A protect rule matched; `rule` indexes the direction's rules. `sa` is,
+    /// outbound, the slot of its SA in the SA database; inbound, the id of the
+    /// policy name the rule gives (the inbound slot of that name), which every
+    /// inbound SA answering to the name carries (`Sa::policy`).
     Protect {
         rule: u32,
         sa: u32,

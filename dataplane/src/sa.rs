@@ -142,6 +142,10 @@ pub struct Sa {
     salt: [u8; SALT_LEN],
     /// The worker that writes this SA's state.
     pub owner: usize,
+    /// Inbound: the id inbound protect rules resolve its policy name to (the
+    /// SA database sets it on install): a decrypted packet passes a protect
+    /// verdict carrying this id.
+    pub policy: u32,
     /// Outbound: the last sequence number used (the next is this + 1).
     pub seq: AtomicU64,
     /// Inbound: the replay window (None when replay_window = 0).
@@ -191,6 +195,7 @@ impl Sa {
             key: LessSafeKey::new(unbound),
             salt,
             owner,
+            policy: 0,
             seq: AtomicU64::new(0),
             replay,
             top_seen: AtomicU64::new(0),
@@ -385,6 +390,7 @@ mod tests {
             replay_window: 0,
             lifetime_packets: Limits { soft: 2, hard: 3 },
             lifetime_bytes: Limits::default(),
+            policy: None,
         }
     }
 

@@ -14,6 +14,13 @@
 //! protect rules to slots) and the SAs can change independently. A slot without
 //! an installed SA means "no SA yet": the packet is held or dropped, never sent
 //! in plaintext.
+//!
+//! Inbound, rules name SAs by policy name (`SaParams::policy_name`: the SA's
+//! name unless it has a `policy`), and several SAs may share one. A policy
+//! name takes an inbound slot like an SA name (the namespaces are one, so an
+//! SA without `policy` answers to its own name's slot); every inbound SA
+//! carries the slot of its policy name (`Sa::policy`), and a decrypted packet
+//! passes an inbound protect verdict that carries the same id.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -270,8 +277,21 @@ impl Sadb {
                         continue; // the same SA: keep it and its state
                     }
                     let name = params.name.clone();
-                    let sa = Sa::new(params, slot % self.workers)
+                    // Inbound rules name the SA by its policy name: the SA
+                    // carries that name's inbound slot, which rules resolve to.
+                    let policy = match params.direction {
+                        Direction::In => {
+                            Self::slot_in(&mut slots, params.policy_name(), Direction::In)
+                        }
+                        Direction::Out => slot as u32,
+                    };
+                    let mut sa = Sa::new(params, slot % self.workers)
                         .map_err(|reason| SadbError::Invalid { name, reason })?;
+                    sa.policy = policy;
+                    let list = match sa.params.direction {
+                        Direction::Out => &mut next.outbound,
+                        Direction::In => &mut next.inbound,
+                    };
                     list[slot] = Some(Arc::new(sa));
                 }
                 SaChange::Remove { name, direction } => {
@@ -329,6 +349,7 @@ mod tests {
             replay_window: 64,
             lifetime_packets: Limits::default(),
             lifetime_bytes: Limits::default(),
+            policy: None,
         }
     }
 

@@ -123,8 +123,9 @@ struct Scratch {
     pending: [bool; MAX_BURST],
     /// Offset of each frame's IP header.
     l3: [u16; MAX_BURST],
-    /// Inbound: the frame was ESP, decrypted with the SA in this slot (u32::MAX: not ESP).
-    from_sa: [u32; MAX_BURST],
+    /// Inbound: the frame was ESP, decrypted with an SA of this policy id
+    /// (`Sa::policy`; u32::MAX: not ESP).
+    from_policy: [u32; MAX_BURST],
     /// Flow caches per direction (index: `Direction as usize`); `None` when disabled.
     cache_v4: Option<[FlowCache<KeyV4>; 2]>,
     cache_v6: Option<[FlowCache<KeyV6>; 2]>,
@@ -203,7 +204,7 @@ impl Worker {
             frame_verdict: [Verdict::Bypass; MAX_BURST],
             pending: [false; MAX_BURST],
             l3: [0; MAX_BURST],
-            from_sa: [NOT_ESP; MAX_BURST],
+            from_policy: [NOT_ESP; MAX_BURST],
             cache_v4: (n > 0).then(|| [FlowCache::new(n), FlowCache::new(n)]),
             cache_v6: (n > 0).then(|| [FlowCache::new(n), FlowCache::new(n)]),
             inbox: [Burst::default(), Burst::default()],
@@ -315,7 +316,7 @@ impl Worker {
             t.rx_bytes += len as u64;
             s.keep[i] = false;
             s.pending[i] = false;
-            s.from_sa[i] = NOT_ESP;
+            s.from_policy[i] = NOT_ESP;
             // Parse straight into the next free batch slot of each family.
             let kind = parse_into(burst.frame(i), len as usize, &mut s.v4[n4], &mut s.v6[n6]);
             let (l3, fragment, v4) = match kind {
@@ -371,8 +372,8 @@ impl Worker {
                         EspOutcome::NotEsp => {}
                         EspOutcome::Done => continue,
                         // Decrypted in place: classify the inner packet (the policy check).
-                        EspOutcome::Decrypted { slot } => {
-                            s.from_sa[i] = slot;
+                        EspOutcome::Decrypted { policy } => {
+                            s.from_policy[i] = policy;
                             let len = burst.pkt_len(i) as usize;
                             match parse_into(burst.frame(i), len, &mut s.v4[n4], &mut s.v6[n6]) {
                                 FrameKind::V4 { fragment, l3 } => self
@@ -431,7 +432,7 @@ impl Worker {
                     burst,
                     i,
                     s.l3[i],
-                    s.from_sa[i],
+                    s.from_policy[i],
                     &mut t,
                 );
             }
@@ -515,14 +516,15 @@ impl Worker {
         burst: &mut Burst,
         i: usize,
         l3: u16,
-        from_sa: u32,
+        from_policy: u32,
         t: &mut Tally,
     ) -> bool {
-        if from_sa != NOT_ESP {
+        if from_policy != NOT_ESP {
             // Decrypted: it must fall inside its SA's selectors, i.e. hit a protect
-            // rule of this SA (RFC 4301 §5.2, step 4).
+            // rule naming this SA's policy name (RFC 4301 §5.2, step 4). Inbound
+            // protect verdicts carry policy ids, as the SA does.
             return match v {
-                Verdict::Protect { sa, .. } if sa == from_sa => {
+                Verdict::Protect { sa, .. } if sa == from_policy => {
                     t.decrypted += 1;
                     true
                 }
@@ -696,7 +698,7 @@ impl Worker {
                 if let Some(e) = d.event {
                     self.report(Direction::In, slot, loc.spi, e);
                 }
-                EspOutcome::Decrypted { slot }
+                EspOutcome::Decrypted { policy: sa.policy }
             }
             Err(e) => {
                 t.drop(decap_drop(e));
@@ -811,7 +813,7 @@ impl Worker {
                     _ => return t.drop(DropReason::PolicyMismatch),
                 }
                 match v[0] {
-                    Verdict::Protect { sa, .. } if sa == slot => {
+                    Verdict::Protect { sa: policy, .. } if policy == sa.policy => {
                         t.decrypted += 1;
                         true
                     }
@@ -826,7 +828,8 @@ enum EspOutcome {
     NotEsp,
     /// Dropped or handed off.
     Done,
+    /// Decrypted in place with an SA of this policy id.
     Decrypted {
-        slot: u32,
+        policy: u32,
     },
 }

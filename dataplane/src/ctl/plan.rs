@@ -275,6 +275,7 @@ mod tests {
             lifetime_packets: LimitsSpec::default(),
             lifetime_bytes: LimitsSpec::default(),
             origin: Origin::Admin,
+            policy: None,
         }
     }
 
@@ -458,6 +459,134 @@ mod tests {
         };
         let p = plan(&batch, &cur).unwrap();
         assert!(p.installs.is_empty() && p.late_removes.is_empty());
+    }
+
+    fn with_policy(mut s: SaSpec, policy: &str) -> SaSpec {
+        s.policy = Some(policy.into());
+        s
+    }
+
+    fn rule_in(name: &str, src: &str, sa: &str) -> RuleSpec {
+        RuleSpec {
+            direction: Direction::In,
+            src: src.into(),
+            dst: "10.0.0.0/24".into(),
+            ..rule(name, "any", "protect", Some(sa))
+        }
+    }
+
+    #[test]
+    fn inbound_sas_may_share_a_policy_name_outbound_ones_take_none() {
+        let cur = current(&[spec("old", Direction::In, 0x1000)]);
+        // The rekeyed SA joins the old one's policy name; the rule names it.
+        let batch = Batch {
+            sas: vec![
+                install(with_policy(spec("old", Direction::In, 0x1000), "p")),
+                install(with_policy(spec("new", Direction::In, 0x1001), "p")),
+            ],
+            policy: Some(PolicySpec {
+                rules: vec![rule_in("r", "10.1.0.0/16", "p")],
+                default_action: DefaultActionName::Bypass,
+            }),
+            ..Default::default()
+        };
+        let p = plan(&batch, &cur).unwrap();
+        assert_eq!((p.applied.sas_replaced, p.applied.sas_installed), (1, 1));
+        assert!(matches!(&p.installs[0], SaChange::Install(x) if x.policy_name() == "p"));
+        assert_ne!(
+            p.meta[0].1.fingerprint,
+            proto::params_fingerprint(&cur[&("old".to_string(), Direction::In)]),
+            "a new policy name makes another SA"
+        );
+        let batch = Batch {
+            sas: vec![install(with_policy(spec("o", Direction::Out, 0x2000), "p"))],
+            ..Default::default()
+        };
+        let e = plan(&batch, &cur).err().unwrap();
+        assert!(
+            e.contains("sas[0]: SA `o`: policy: only inbound SAs"),
+            "{e}"
+        );
+    }
+
+    /// The ids inbound rules resolve to and the ids inbound SAs carry agree:
+    /// through the SA database, as the control thread plans and applies.
+    #[test]
+    fn inbound_rules_resolve_to_the_policy_id_their_sas_carry() {
+        use crate::filter::{FlowKey, Verdict};
+        use crate::sadb::Sadb;
+        crate::dpdk::init_eal_for_tests();
+        let db = Sadb::new(1);
+        let now = |db: &Sadb| -> HashMap<(String, Direction), SaParams> {
+            db.load()
+                .iter()
+                .map(|(d, _, sa)| ((sa.params.name.clone(), d), sa.params.clone()))
+                .collect()
+        };
+        let batch = Batch {
+            sas: vec![
+                install(with_policy(spec("a", Direction::In, 0x1000), "p")),
+                install(with_policy(spec("b", Direction::In, 0x1001), "p")),
+                install(spec("c", Direction::In, 0x1002)),
+            ],
+            policy: Some(PolicySpec {
+                rules: vec![
+                    rule_in("rp", "10.1.0.0/16", "p"),
+                    rule_in("rc", "10.2.0.0/16", "c"),
+                    rule_in("ra", "10.3.0.0/16", "a"),
+                    rule_in("ghost", "10.4.0.0/16", "nobody"),
+                ],
+                default_action: DefaultActionName::Bypass,
+            }),
+            ..Default::default()
+        };
+        let p = plan_batch(&batch, &now(&db), &|n, d| db.slot(n, d)).unwrap();
+        db.apply(p.installs).unwrap();
+        let (table, _) = p.table.unwrap();
+        let verdict = |src: &str| {
+            let k = FlowKey {
+                src: src.parse().unwrap(),
+                dst: "10.0.0.1".parse().unwrap(),
+                proto: 17,
+                sport: 1,
+                dport: 2,
+                fragment: false,
+            };
+            match table.classify_one(Direction::In, &k) {
+                Verdict::Protect { sa, .. } => sa,
+                v => panic!("{v:?}"),
+            }
+        };
+        let policy_of = |db: &Sadb, spi: u32| db.load().inbound_by_spi(spi).unwrap().1.policy;
+        let (rp, rc, ra, ghost) = (
+            verdict("10.1.0.1"),
+            verdict("10.2.0.1"),
+            verdict("10.3.0.1"),
+            verdict("10.4.0.1"),
+        );
+        assert_eq!(policy_of(&db, 0x1000), rp);
+        assert_eq!(policy_of(&db, 0x1001), rp);
+        assert_eq!(policy_of(&db, 0x1002), rc, "no policy: its own name");
+        assert_ne!(rc, rp);
+        // `a` answers to `p` only; a rule naming an absent policy matches no SA.
+        for id in [ra, ghost] {
+            assert!(![0x1000, 0x1001, 0x1002]
+                .iter()
+                .any(|&s| policy_of(&db, s) == id));
+        }
+        // The old SA goes; the rule (not re-sent) still accepts the new one.
+        let batch = Batch {
+            sas: vec![WireSaChange::Remove {
+                name: "a".into(),
+                direction: Direction::In,
+            }],
+            ..Default::default()
+        };
+        let p = plan_batch(&batch, &now(&db), &|n, d| db.slot(n, d)).unwrap();
+        assert!(p.table.is_none());
+        db.apply(p.late_removes).unwrap();
+        assert!(db.load().inbound_by_spi(0x1000).is_none());
+        assert_eq!(policy_of(&db, 0x1001), rp);
     }
 
     #[test]
