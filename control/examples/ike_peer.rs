@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bitw_control::ike::message::{AddressRange, TsRange};
 use bitw_control::ike::proposal::{parse_proposals, Protocol};
 use bitw_control::ike::sa::{
-    prefix_selector, ChildMode, Config, Datagram, Identity, IkeEvent, IkeSa, Lifetimes, Psk,
+    prefix_selector, Auth, ChildMode, Config, Datagram, Identity, IkeEvent, IkeSa, Lifetimes, Psk,
     RandomSpis, Retransmit,
 };
 use rand_core::OsRng;
@@ -205,7 +205,7 @@ fn run(args: Args) -> Result<bool> {
         remote_id: args.remote_id.clone(),
         send_remote_id: true,
         send_initial_contact: true,
-        psk: Psk::new(args.psk.clone()),
+        auth: Auth::Psk(Psk::new(args.psk.clone())),
         ike_proposals: parse_proposals(Protocol::Ike, &args.ike_proposals)
             .context("--ike-proposals")?,
         esp_proposals: parse_proposals(Protocol::Esp, &args.esp_proposals)
