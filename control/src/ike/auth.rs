@@ -513,6 +513,21 @@ impl PubkeyAuth {
         auth: &AuthPayload,
         octets: &[u8],
     ) -> Result<(), AuthError> {
+        if !matches!(
+            auth.method,
+            AuthMethod::RSA_DIGITAL_SIGNATURE
+                | AuthMethod::ECDSA_SHA256_P256
+                | AuthMethod::ECDSA_SHA384_P384
+                | AuthMethod::DIGITAL_SIGNATURE
+        ) {
+            return Err(AuthError::new(
+                "auth_method",
+                format!(
+                    "the peer authenticates with {}, we use certificates",
+                    auth.method
+                ),
+            ));
+        }
         let x509: Vec<&[u8]> = certs
             .iter()
             .filter(|c| c.encoding == CertEncoding::X509_SIGNATURE)
@@ -710,12 +725,8 @@ fn verify_signature(key: &PublicKey, auth: &AuthPayload, octets: &[u8]) -> Resul
                 signature,
             )
         }
-        m => {
-            return Err(AuthError::new(
-                "auth_method",
-                format!("the peer authenticates with {m}, we use certificates"),
-            ))
-        }
+        // refused by verify() before the certificate is looked at
+        _ => return Err(mismatch()),
     };
     UnparsedPublicKey::new(alg, &key.bits)
         .verify(octets, signature)

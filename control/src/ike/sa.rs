@@ -1352,6 +1352,12 @@ impl IkeSa {
         }
         if delete_ike {
             self.close_deleted();
+        } else if payloads.notify(NotifyType::AUTHENTICATION_FAILED).is_some() {
+            // An initiator that could not authenticate us (RFC 7296 §2.21.2).
+            self.fail(failure(
+                "auth_failed",
+                "the peer refused our authentication",
+            ));
         }
         Ok(())
     }

@@ -1324,3 +1324,6 @@ fn garbage_to_established_engines_changes_nothing() {
     assert_eq!(p.initiator.poll_timeout(), None);
     assert!(p.initiator.is_established() && p.responder.is_established());
 }
+
+#[path = "auth_tests.rs"]
+mod auth;

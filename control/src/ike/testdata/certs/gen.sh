@@ -19,14 +19,16 @@
 # the SANs DNS:<name>.bitw.test, email:<name>@bitw.test and an address:
 # left-* 10.0.0.1 (and fd00::1), everything else 10.0.0.2 (and fd00::2).
 #
+# <ca>.spki-sha1 is the SHA-1 of a CA's SubjectPublicKeyInfo (CERTREQ).
 # kat.bin is a stand-in for signed octets; kat-rsa.sig and kat-p256.sig are
 # openssl's signatures of it (RSA PKCS#1 v1.5 SHA-256 with left-rsa's key,
-# ECDSA SHA-256 DER with left-p256's key).
+# ECDSA SHA-256 DER with left-p256's key); kat-rsa-sha1.sig RSA PKCS#1 v1.5
+# SHA-1 with left-rsa's key (auth method 1).
 set -eu
 cd "$(dirname "$0")"
 DAYS=7300
 
-rm -f ./*.pem ./*.sig kat.bin
+rm -f ./*.pem ./*.sig ./*.spki-sha1 kat.bin
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -53,6 +55,9 @@ ca() { # name type [issuer]
         openssl x509 -req -in "$tmp/$1.csr" -CA "$3.pem" -CAkey "$3.key.pem" -set_serial 0x77 \
             -days $DAYS -sha256 -extfile "$tmp/ca.ext" -out "$1.pem" 2>/dev/null
     fi
+    # what a CERTREQ names the CA by (RFC 7296 §3.7)
+    openssl x509 -in "$1.pem" -noout -pubkey | openssl pkey -pubin -outform DER |
+        openssl dgst -sha1 -binary >"$1.spki-sha1"
 }
 
 serial=4096
@@ -121,5 +126,6 @@ openssl ec -in right-p256.key.pem -out "$tmp/k" 2>/dev/null && mv "$tmp/k" right
 printf 'signed octets stand-in: bitw IKEv2 AUTH known answer\n' >kat.bin
 openssl dgst -sha256 -sign left-rsa.key.pem -out kat-rsa.sig kat.bin
 openssl dgst -sha256 -sign left-p256.key.pem -out kat-p256.sig kat.bin
+openssl dgst -sha1 -sign left-rsa.key.pem -out kat-rsa-sha1.sig kat.bin
 rm -f int-p256.key.pem.srl ./*.srl
 echo "certificates written to $(pwd)"
