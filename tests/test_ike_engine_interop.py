@@ -13,7 +13,12 @@ host-to-host selectors), through the harness's bridge topology
     is the other's inbound), and UDP encapsulation on 4500 (charon with
     kernel-libipsec fakes NAT-D, so both see a NAT);
   * a wrong PSK fails on both sides, whoever initiates, and nothing is
-    established.
+    established;
+  * certificates instead of the PSK (the harness's Pki: RSA, ECDSA P-256 and
+    P-384), both directions, with FQDN, e-mail and DN identities: the engine
+    signs with RFC 7427 and checks charon's certificate, ID and signature;
+    a certificate from a CA the engine does not trust fails cleanly, whoever
+    initiates.
 
 The handshake time on the wire (IKE_SA_INIT request to IKE_AUTH response, on
 the counterpart's veth) is printed, not asserted.
@@ -29,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import bitw_swan as sw
-from bitw_swan import Capture, Charon, Child, Conn, Topology
+from bitw_swan import Capture, Charon, Child, Conn, Pki, Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT / "target" / "release" / "examples" / "ike_peer"
@@ -60,16 +65,24 @@ def topo():
 class Peer:
     """ike_peer running in the terminal namespace."""
 
-    def __init__(self, topo, workdir, role, family=4, psk=PSK, linger=0.5, timeout=8):
+    def __init__(self, topo, workdir, role, family=4, psk=PSK, linger=0.5, timeout=8,
+                 cert=None, cas=(), local_id=None, remote_id=None):
+        """cert (a bitw_swan Cert) and cas (CA certificate paths): certificates
+        instead of the PSK. Ids in ike_peer's syntax; default: the addresses."""
         t, c = topo.terminal, topo.counterpart
         self.local, self.remote = t.addr(family), c.addr(family)
         plen = 32 if family == 4 else 128
-        psk_file = Path(workdir) / f"ike_peer-{role}.psk"
-        psk_file.write_bytes(psk)
+        if cert is None:
+            psk_file = Path(workdir) / f"ike_peer-{role}.psk"
+            psk_file.write_bytes(psk)
+            auth = ["--psk-file", str(psk_file)]
+        else:
+            auth = ["--cert", str(cert.cert), "--key", str(cert.key),
+                    "--ca", ",".join(str(p) for p in cas)]
         self.cmd = [*t.exec(), str(PEER), "--role", role,
                     "--local", self.local, "--remote", self.remote,
-                    "--local-id", self.local, "--remote-id", self.remote,
-                    "--psk-file", str(psk_file),
+                    "--local-id", local_id or self.local, "--remote-id", remote_id or self.remote,
+                    *auth,
                     "--ike-proposals", PROPOSALS, "--esp-proposals", ESP_PROPOSALS,
                     "--local-ts", f"{self.local}/{plen}", "--remote-ts", f"{self.remote}/{plen}",
                     "--timeout", str(timeout), "--linger", str(linger)]
@@ -103,23 +116,27 @@ class Peer:
             f"\nstderr: {self.stderr}"
 
 
-def counterpart_charon(topo, tmp_path, family=4, psk=PSK):
+def counterpart_charon(topo, tmp_path, family=4, psk=PSK, ca=None, **conn):
+    """charon with the PSK, or with conn's auth="pubkey" and cert= and the CA
+    certificate `ca` installed."""
     t, c = topo.terminal, topo.counterpart
     ch = Charon(c.ns, tmp_path / "counterpart")
+    if ca is not None:
+        ch.install_ca(ca)
     ch.add(Conn("h2h", c.addr(family), t.addr(family), psk=psk, proposals=PROPOSALS,
-                children=[Child("c1", esp_proposals=ESP_PROPOSALS)]))
+                children=[Child("c1", esp_proposals=ESP_PROPOSALS)], **conn))
     ch.start().load()
     return ch
 
 
-def check_established(peer, cp, topo, family, we_initiated):
+def check_established(peer, cp, topo, family, we_initiated, local_id=None, remote_id=None):
     t_addr, c_addr = topo.terminal.addr(family), topo.counterpart.addr(family)
     ikes, kids = peer.of("ike_sa_established"), peer.of("child_sa_established")
     assert len(ikes) == 1 and len(kids) == 1, peer.describe()
     ike, kid = ikes[0], kids[0]
     assert ike["initiator"] is we_initiated
     assert ike["suite"] == "aes128gcm16-prfsha256-x25519", ike
-    assert (ike["local_id"], ike["remote_id"]) == (t_addr, c_addr), ike
+    assert (ike["local_id"], ike["remote_id"]) == (local_id or t_addr, remote_id or c_addr), ike
     # kernel-libipsec fakes NAT-D: NAT detected, IKE and ESP move to 4500
     assert ike["nat_detected"] is True, ike
     assert kid["udp_encap"] == {"local_port": 4500, "remote_port": 4500}, kid
@@ -265,4 +282,169 @@ def test_charon_deletes_the_ike_sa_engine_answers(topo, tmp_path):
     finally:
         if peer:
             peer.stop()
+        cp.stop()
+
+
+# ---------------------------------------------------------------------------
+# certificates
+
+def subject_der(cert_path):
+    """The subject of a PEM certificate as DER: what an ID_DER_ASN1_DN naming
+    its owner carries."""
+    der = subprocess.run(["openssl", "x509", "-in", str(cert_path), "-outform", "DER"],
+                         capture_output=True, check=True).stdout
+
+    def end(i):  # the end of the TLV at i
+        length, j = der[i + 1], i + 2
+        if length & 0x80:
+            n = length & 0x7F
+            length, j = int.from_bytes(der[j:j + n], "big"), j + n
+        return j + length
+
+    def content(i):
+        return i + 2 + (der[i + 1] & 0x7F if der[i + 1] & 0x80 else 0)
+
+    i = content(content(0))  # Certificate, tbsCertificate
+    if der[i] == 0xA0:  # [0] version
+        i = end(i)
+    for _ in range(4):  # serialNumber, signature, issuer, validity
+        i = end(i)
+    return der[i:end(i)]
+
+
+class CertCase:
+    """A Pki with the terminal's and the counterpart's certificates, and the
+    ids each side uses in `kind` ("fqdn", "email" or "dn"): charon's
+    (strongSwan syntax; None = its certificate's subject), ike_peer's, and
+    ike_peer's JSON."""
+
+    def __init__(self, topo, tmp_path, key, kind):
+        t_addr, c_addr = topo.terminal.addr(4), topo.counterpart.addr(4)
+        ca_key = "rsa" if key.startswith("rsa") else key
+        self.pki = Pki(tmp_path / "pki", key=ca_key)
+        self.t = self.pki.issue("terminal", key=key,
+                                san=["terminal.bitw.test", "terminal@bitw.test", t_addr])
+        self.c = self.pki.issue("counterpart", key=key,
+                                san=["counterpart.bitw.test", "counterpart@bitw.test", c_addr])
+        if kind == "dn":
+            t_id = "dn:" + subject_der(self.t.cert).hex()
+            c_id = "dn:" + subject_der(self.c.cert).hex()
+            # charon writes a DN given as text with its own string types
+            # (PrintableString), openssl's certificates have UTF8String: the
+            # engine compares IDs byte for byte, so charon gets the DER
+            self.charon_ids = {"local_id": None, "remote_id": "asn1dn:#" + t_id[3:]}
+        else:
+            t_id, c_id = ("terminal.bitw.test", "counterpart.bitw.test") if kind == "fqdn" \
+                else ("terminal@bitw.test", "counterpart@bitw.test")
+            self.charon_ids = {"local_id": c_id, "remote_id": t_id}
+        self.peer_ids = {"local_id": t_id, "remote_id": c_id}
+
+    def charon(self, topo, tmp_path):
+        return counterpart_charon(topo, tmp_path, 4, ca=self.pki.ca_cert, auth="pubkey",
+                                  cert=self.c, **self.charon_ids)
+
+    def peer(self, topo, tmp_path, role, cas=None, **kw):
+        return Peer(topo, tmp_path, role, 4, cert=self.t, cas=cas or [self.pki.ca_cert],
+                    **self.peer_ids, **kw)
+
+
+SCHEMES = {"rsa": "RSA_EMSA_PKCS1_SHA2_256", "ecdsa": "ECDSA_WITH_SHA256_DER",
+           "ecdsa384": "ECDSA_WITH_SHA384_DER"}
+
+
+def check_charon_saw(cp, case, key, kind):
+    """charon got our certificate, chained it to its CA and verified our
+    RFC 7427 signature; it sent its own certificate (we asked with CERTREQ)."""
+    log = cp.log_text()
+    ours = {"fqdn": "terminal.bitw.test", "email": "terminal@bitw.test",
+            "dn": case.t.subject}[kind]
+    for line in (f'received end entity cert "{case.t.subject}"',
+                 f'using trusted ca certificate "{case.pki.ca_subject}"',
+                 f"authentication of '{ours}' with {SCHEMES[key]} successful",
+                 f'sending end entity cert "{case.c.subject}"'):
+        assert line in log, f"{line!r} not in charon's log\n{cp.describe()}"
+
+
+CERT_CASES = [("rsa", "fqdn"), ("rsa", "dn"), ("ecdsa", "email"), ("ecdsa", "fqdn"),
+              ("ecdsa384", "dn")]
+
+
+@pytest.mark.parametrize("key,kind", CERT_CASES)
+def test_certificates_charon_initiates_engine_responds(topo, tmp_path, key, kind):
+    case = CertCase(topo, tmp_path, key, kind)
+    cp = case.charon(topo, tmp_path)
+    peer = case.peer(topo, tmp_path, "responder")
+    try:
+        p = cp.initiate("c1", timeout=5, check=False)
+        assert p.returncode == 0, f"{p.stdout}{p.stderr}\n{cp.describe()}\n{peer.describe()}"
+        cp.wait_established("c1", timeout=3)
+        rc = peer.wait()
+        assert rc == 0, f"ike_peer exited {rc}\n{peer.describe()}\n{cp.describe()}"
+        check_established(peer, cp, topo, 4, we_initiated=False, **case.peer_ids)
+        check_charon_saw(cp, case, key, kind)
+    finally:
+        peer.stop()
+        cp.stop()
+
+
+@pytest.mark.parametrize("key,kind", CERT_CASES)
+def test_certificates_engine_initiates_charon_responds(topo, tmp_path, key, kind):
+    case = CertCase(topo, tmp_path, key, kind)
+    cp = case.charon(topo, tmp_path)
+    peer = None
+    try:
+        peer = case.peer(topo, tmp_path, "initiator", linger=0.3)
+        rc = peer.wait()
+        assert rc == 0, f"ike_peer exited {rc}\n{peer.describe()}\n{cp.describe()}"
+        cp.wait_established("c1", timeout=2)
+        check_established(peer, cp, topo, 4, we_initiated=True, **case.peer_ids)
+        check_charon_saw(cp, case, key, kind)
+    finally:
+        if peer:
+            peer.stop()
+        cp.stop()
+
+
+def other_ca(tmp_path):
+    return Pki(tmp_path / "other-pki", ca_subject="C=CH, O=bitw test, CN=another CA").ca_cert
+
+
+def test_certificates_untrusted_ca_engine_initiates(topo, tmp_path):
+    case = CertCase(topo, tmp_path, "ecdsa", "fqdn")
+    cp = case.charon(topo, tmp_path)
+    peer = None
+    try:
+        peer = case.peer(topo, tmp_path, "initiator", cas=[other_ca(tmp_path)], timeout=4)
+        rc = peer.wait()
+        assert rc == 1, peer.describe()
+        assert [f["reason"] for f in peer.of("failed")] == ["cert_untrusted"], peer.describe()
+        assert peer.of("child_sa_established") == []
+        # the engine told charon, which then drops the SA it had established
+        deadline = time.monotonic() + 3
+        while cp.list_sas() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "parsed INFORMATIONAL request 2 [ N(AUTH_FAILED) ]" in cp.log_text(), \
+            cp.describe()
+        assert cp.list_sas() == []
+    finally:
+        if peer:
+            peer.stop()
+        cp.stop()
+
+
+def test_certificates_untrusted_ca_charon_initiates(topo, tmp_path):
+    case = CertCase(topo, tmp_path, "rsa", "fqdn")
+    cp = case.charon(topo, tmp_path)
+    peer = case.peer(topo, tmp_path, "responder", cas=[other_ca(tmp_path)], timeout=4)
+    try:
+        p = cp.initiate("c1", timeout=3, check=False)
+        rc = peer.wait()
+        assert p.returncode != 0, p.stdout
+        assert rc == 1, peer.describe()
+        assert [f["reason"] for f in peer.of("failed")] == ["cert_untrusted"], peer.describe()
+        assert peer.of("ike_sa_established") == [] and peer.of("child_sa_established") == []
+        assert "received AUTHENTICATION_FAILED notify error" in cp.log_text(), cp.describe()
+        assert cp.list_sas() == []
+    finally:
+        peer.stop()
         cp.stop()

@@ -1,6 +1,12 @@
 //! A test driver of the IKEv2 engine (`bitw_control::ike::sa`) over real UDP
 //! sockets, for interop tests against strongSwan (tests/test_ike_engine_interop.py).
 //!
+//! Authentication: `--psk-file FILE`, or certificates with `--cert FILE`
+//! (PEM, ours then intermediates), `--key FILE` (PEM private key) and `--ca
+//! FILE[,FILE...]` (the CAs the peer's certificate must chain to). IDs:
+//! an address, user@host (e-mail), `dn:HEX` (a DER distinguished name), or
+//! an FQDN.
+//!
 //! It binds UDP 500 and 4500 on `--local`, strips / adds the non-ESP marker
 //! on 4500, runs one IKE SA as responder or initiator and prints one JSON line
 //! per event on stdout. THIS IS A TEST TOOL: it prints the Child SA's ESP keys
@@ -13,15 +19,17 @@
 
 use std::io::{ErrorKind, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bitw_control::ike::message::{AddressRange, TsRange};
 use bitw_control::ike::proposal::{parse_proposals, Protocol};
 use bitw_control::ike::sa::{
-    prefix_selector, ChildMode, Config, Datagram, Identity, IkeEvent, IkeSa, Lifetimes, Psk,
-    RandomSpis, Retransmit,
+    prefix_selector, Auth, ChildMode, Config, Datagram, Identity, IkeEvent, IkeSa, Lifetimes, Psk,
+    PubkeyAuth, RandomSpis, Retransmit,
 };
 use rand_core::OsRng;
 use serde_json::{json, Value};
@@ -36,7 +44,7 @@ struct Args {
     remote: IpAddr,
     local_id: Identity,
     remote_id: Identity,
-    psk: Vec<u8>,
+    auth: Auth,
     ike_proposals: String,
     esp_proposals: String,
     local_ts: TsRange,
@@ -45,13 +53,18 @@ struct Args {
     linger: Duration,
 }
 
-fn identity(s: &str) -> Identity {
-    match s.parse::<IpAddr>() {
+fn identity(s: &str) -> Result<Identity> {
+    if let Some(der) = s.strip_prefix("dn:") {
+        return Ok(Identity::DerDn(
+            hex::decode(der).with_context(|| format!("bad DN hex in {s:?}"))?,
+        ));
+    }
+    Ok(match s.parse::<IpAddr>() {
         Ok(IpAddr::V4(a)) => Identity::Ipv4(a),
         Ok(IpAddr::V6(a)) => Identity::Ipv6(a),
         Err(_) if s.contains('@') => Identity::Rfc822(s.to_string()),
         Err(_) => Identity::Fqdn(s.to_string()),
-    }
+    })
 }
 
 fn cidr(s: &str) -> Result<TsRange> {
@@ -94,18 +107,31 @@ fn parse_args() -> Result<Args> {
         "responder" => false,
         _ => bail!("--role must be initiator or responder, not {role:?}"),
     };
-    let psk_file = take("psk-file")?;
-    let mut psk = std::fs::read(&psk_file).with_context(|| format!("reading {psk_file}"))?;
-    while psk.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        psk.pop();
-    }
+    let auth = match (take("psk-file"), take("cert")) {
+        (Ok(psk_file), Err(_)) => {
+            let mut psk =
+                std::fs::read(&psk_file).with_context(|| format!("reading {psk_file}"))?;
+            while psk.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                psk.pop();
+            }
+            Auth::Psk(Psk::new(psk))
+        }
+        (Err(_), Ok(cert)) => {
+            let key = take("key")?;
+            let cas: Vec<PathBuf> = take("ca")?.split(',').map(PathBuf::from).collect();
+            let pubkey =
+                PubkeyAuth::load(cert.as_ref(), key.as_ref(), &cas).map_err(|e| anyhow!(e))?;
+            Auth::Pubkey(Arc::new(pubkey))
+        }
+        _ => bail!("give either --psk-file or --cert (with --key and --ca)"),
+    };
     let args = Args {
         initiator,
         local: take("local")?.parse().context("--local")?,
         remote: take("remote")?.parse().context("--remote")?,
-        local_id: identity(&take("local-id")?),
-        remote_id: identity(&take("remote-id")?),
-        psk,
+        local_id: identity(&take("local-id")?)?,
+        remote_id: identity(&take("remote-id")?)?,
+        auth,
         ike_proposals: take("ike-proposals")?,
         esp_proposals: take("esp-proposals")?,
         local_ts: cidr(&take("local-ts")?)?,
@@ -205,7 +231,7 @@ fn run(args: Args) -> Result<bool> {
         remote_id: args.remote_id.clone(),
         send_remote_id: true,
         send_initial_contact: true,
-        psk: Psk::new(args.psk.clone()),
+        auth: args.auth.clone(),
         ike_proposals: parse_proposals(Protocol::Ike, &args.ike_proposals)
             .context("--ike-proposals")?,
         esp_proposals: parse_proposals(Protocol::Esp, &args.esp_proposals)

@@ -6,13 +6,17 @@
 //!   without panics on any input, encoded byte-exactly.
 //! - [`proposal`]: transforms and proposals, written in strongSwan's syntax
 //!   (`aes128gcm16-prfsha256-x25519`).
+//! - [`auth`]: how peers authenticate: a pre-shared key, or X.509
+//!   certificates (chains to trusted CAs, IDs in the certificate, RFC 7427
+//!   signatures with RSA and ECDSA).
 //! - [`crypto`]: PRFs, prf+, SKEYSEED and the key schedule, KEYMAT, the SK
 //!   payload's encryption and integrity, AUTH for PSKs.
 //! - [`dh`]: Diffie-Hellman groups 14, 19, 20 and 31.
-//! - [`sa`]: one IKE SA as a state machine: IKE_SA_INIT, IKE_AUTH (PSK) and
-//!   the first Child SA, CREATE_CHILD_SA for Child SAs (responder),
-//!   INFORMATIONAL liveness checks and deletes.
+//! - [`sa`]: one IKE SA as a state machine: IKE_SA_INIT, IKE_AUTH (PSK or
+//!   certificates) and the first Child SA, CREATE_CHILD_SA for Child SAs
+//!   (responder), INFORMATIONAL liveness checks and deletes.
 
+pub mod auth;
 pub mod crypto;
 pub mod dh;
 pub mod message;

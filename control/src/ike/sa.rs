@@ -1,6 +1,7 @@
 //! One IKE SA as a state machine without I/O (RFC 7296): IKE_SA_INIT and
-//! IKE_AUTH with a pre-shared key and the first Child SA (ESP, AEAD, tunnel
-//! or transport mode), then CREATE_CHILD_SA for Child SAs (new or rekeyed,
+//! IKE_AUTH with a pre-shared key or with certificates ([`Auth`]; what is
+//! sent and checked: [`super::auth`]) and the first Child SA (ESP, AEAD,
+//! tunnel or transport mode), then CREATE_CHILD_SA for Child SAs (new or rekeyed,
 //! with optional PFS; both ends), and INFORMATIONAL liveness checks and
 //! deletes (both ends). Rekeying the IKE SA itself is not implemented: a
 //! peer's request gets NO_ADDITIONAL_SAS.
@@ -34,14 +35,15 @@ use std::time::{Duration, Instant};
 
 use bitw_common::sa_params::{AeadAlg, NAT_T_PORT_DEFAULT};
 use rand_core::CryptoRngCore;
-use zeroize::Zeroizing;
 
+use crate::ike::auth;
 use crate::ike::crypto::{self, ChildSaKeyLengths, EspKeys, IkeSaKeys, IvSource, SkCipher};
 use crate::ike::dh::{self, KeyPair};
 use crate::ike::message::{
-    decode_payload_chain, nat_detection_hash, AddressRange, AuthMethod, AuthPayload, DeletePayload,
-    ExchangeType, Header, IdPayload, IdType, KePayload, Message, MessageView, NotifyPayload,
-    NotifyType, Payload, PayloadType, PayloadsExt, ProtocolId, TrafficSelector, TsPayload, TsRange,
+    decode_payload_chain, nat_detection_hash, AddressRange, AuthMethod, AuthPayload, CertPayload,
+    DeletePayload, ExchangeType, Header, IdPayload, IdType, KePayload, Message, MessageView,
+    NotifyPayload, NotifyType, Payload, PayloadType, PayloadsExt, ProtocolId, TrafficSelector,
+    TsPayload, TsRange,
 };
 use crate::ike::proposal::{self, accept_reply, offer, select, DhMode, Proposal};
 
@@ -130,25 +132,7 @@ impl fmt::Display for Identity {
     }
 }
 
-/// A pre-shared key: zeroed on drop, never printed.
-#[derive(Clone)]
-pub struct Psk(Zeroizing<Vec<u8>>);
-
-impl Psk {
-    pub fn new(bytes: Vec<u8>) -> Psk {
-        Psk(Zeroizing::new(bytes))
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Psk {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "<{} octets redacted>", self.0.len())
-    }
-}
+pub use crate::ike::auth::{Auth, Psk, PubkeyAuth};
 
 /// ESP encapsulation mode of a Child SA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -221,7 +205,8 @@ pub struct Config {
     /// Whether an initiator sends INITIAL_CONTACT in IKE_AUTH (it holds no
     /// other SA with the peer, which may then drop stale ones).
     pub send_initial_contact: bool,
-    pub psk: Psk,
+    /// How we authenticate, and how the peer must.
+    pub auth: Auth,
     /// IKE proposals, in order of preference ([`proposal::parse_proposals`]).
     pub ike_proposals: Vec<Proposal>,
     /// ESP proposals; AEAD only (the dataplane's transforms).
@@ -453,6 +438,8 @@ struct InitExchange {
     ke_retried: bool,
     /// Initiator: the inbound ESP SPI offered in IKE_AUTH.
     child_spi: u32,
+    /// The hashes of the peer's SIGNATURE_HASH_ALGORITHMS (RFC 7427), if sent.
+    peer_sig_hashes: Option<Vec<u16>>,
 }
 
 /// The last response we sent, for retransmitted requests (window size 1).
@@ -1064,7 +1051,10 @@ impl IkeSa {
                     spi_r,
                     dg.src,
                 )),
-            ],
+            ]
+            .into_iter()
+            .chain(self.init_auth_payloads(true))
+            .collect(),
         )
         .encode()
         .map_err(|_| reject("internal"))?;
@@ -1081,6 +1071,7 @@ impl IkeSa {
             nr,
             request: dg.payload.clone(),
             response: response.clone(),
+            peer_sig_hashes: signature_hashes(&payloads),
             ..InitExchange::default()
         };
         self.state = State::AwaitAuth;
@@ -1141,10 +1132,18 @@ impl IkeSa {
         let remote_id = Identity::from_payload(idi);
         let initial_contact = payloads.notify(NotifyType::INITIAL_CONTACT).is_some();
         let idr = self.config.local_id.to_payload();
-        let Some(our_auth) = self.our_auth(&idr) else {
-            return Err(reject("internal"));
+        let our_auth = match self.our_auth(&idr) {
+            Ok(a) => a,
+            Err(f) => {
+                self.answer_auth_failure(dg, &header, NotifyType::AUTHENTICATION_FAILED, f);
+                return Ok(());
+            }
         };
-        let mut reply = vec![Payload::IdR(idr), Payload::Auth(our_auth)];
+        let mut reply = vec![Payload::IdR(idr)];
+        if let Auth::Pubkey(pk) = &self.config.auth {
+            reply.extend(pk.cert_payloads().map(Payload::Cert));
+        }
+        reply.push(Payload::Auth(our_auth));
         self.local = dg.dst;
         self.remote = dg.src;
         let childless =
@@ -1209,7 +1208,7 @@ impl IkeSa {
                 ));
             }
         }
-        self.verify_peer_auth(idi, auth)
+        self.verify_peer_auth(payloads, idi, auth)
     }
 
     /// The Child SA of an IKE_AUTH request: the ESP proposal, the narrowed
@@ -1353,6 +1352,12 @@ impl IkeSa {
         }
         if delete_ike {
             self.close_deleted();
+        } else if payloads.notify(NotifyType::AUTHENTICATION_FAILED).is_some() {
+            // An initiator that could not authenticate us (RFC 7296 §2.21.2).
+            self.fail(failure(
+                "auth_failed",
+                "the peer refused our authentication",
+            ));
         }
         Ok(())
     }
@@ -1717,6 +1722,7 @@ impl IkeSa {
             0,
             self.remote,
         )));
+        payloads.extend(self.init_auth_payloads(false));
         let bytes = Message::new(header, payloads)
             .encode()
             .map_err(|e| failure("internal", e))?;
@@ -1808,6 +1814,7 @@ impl IkeSa {
         self.spi_r = header.spi_r;
         self.init.nr = nr.to_vec();
         self.init.response = dg.payload.clone();
+        self.init.peer_sig_hashes = signature_hashes(&payloads);
         self.init.dh = None;
         self.suite = Some(suite);
         self.keys = Some(keys);
@@ -1875,12 +1882,14 @@ impl IkeSa {
 
     fn send_auth_request(&mut self, now: Instant) -> Result<(), Failure> {
         let idi = self.config.local_id.to_payload();
-        let auth = self
-            .our_auth(&idi)
-            .ok_or_else(|| failure("internal", "no keys"))?;
+        let auth = self.our_auth(&idi)?;
         let child_spi = self.spis.esp_spi();
         self.init.child_spi = child_spi;
         let mut payloads = vec![Payload::IdI(idi)];
+        if let Auth::Pubkey(pk) = &self.config.auth {
+            payloads.extend(pk.cert_payloads().map(Payload::Cert));
+            payloads.push(Payload::CertReq(pk.certreq()));
+        }
         if self.config.send_remote_id {
             payloads.push(Payload::IdR(self.config.remote_id.to_payload()));
         }
@@ -1945,7 +1954,8 @@ impl IkeSa {
             ));
             return Ok(());
         }
-        if let Err(f) = self.verify_peer_auth(idr, auth) {
+        if let Err(f) = self.verify_peer_auth(&payloads, idr, auth) {
+            self.tell_auth_failed();
             self.fail(f);
             return Ok(());
         }
@@ -2095,8 +2105,11 @@ impl IkeSa {
     }
 
     /// Our AUTH payload over our ID payload (RFC 7296 §2.15).
-    fn our_auth(&self, our_id: &IdPayload) -> Option<AuthPayload> {
-        let keys = self.keys.as_ref()?;
+    fn our_auth(&self, our_id: &IdPayload) -> Result<AuthPayload, Failure> {
+        let keys = self
+            .keys
+            .as_ref()
+            .ok_or_else(|| failure("internal", "no keys"))?;
         let octets = match self.role {
             Role::Initiator => keys.initiator_signed_octets(
                 &self.init.request,
@@ -2109,15 +2122,28 @@ impl IkeSa {
                 &our_id.body_bytes(),
             ),
         };
-        Some(AuthPayload {
-            method: AuthMethod::SHARED_KEY_MESSAGE_INTEGRITY_CODE,
-            data: crypto::auth_psk(keys.suite().prf(), self.config.psk.as_bytes(), &octets),
-        })
+        match &self.config.auth {
+            Auth::Psk(psk) => Ok(AuthPayload {
+                method: AuthMethod::SHARED_KEY_MESSAGE_INTEGRITY_CODE,
+                data: crypto::auth_psk(keys.suite().prf(), psk.as_bytes(), &octets),
+            }),
+            Auth::Pubkey(pk) => pk
+                .sign(&octets, self.init.peer_sig_hashes.as_deref())
+                .map_err(|e| failure("sign_failed", e)),
+        }
     }
 
-    /// Checks the peer's AUTH payload over its ID payload.
-    fn verify_peer_auth(&self, peer_id: &IdPayload, auth: &AuthPayload) -> Result<(), Failure> {
-        if auth.method != AuthMethod::SHARED_KEY_MESSAGE_INTEGRITY_CODE {
+    /// Checks the peer's AUTH payload over its ID payload (and with
+    /// certificates, the CERT payloads among `payloads`).
+    fn verify_peer_auth(
+        &self,
+        payloads: &[Payload],
+        peer_id: &IdPayload,
+        auth: &AuthPayload,
+    ) -> Result<(), Failure> {
+        if matches!(self.config.auth, Auth::Psk(_))
+            && auth.method != AuthMethod::SHARED_KEY_MESSAGE_INTEGRITY_CODE
+        {
             return Err(failure(
                 "auth_method",
                 format!("the peer authenticates with {}, we use a PSK", auth.method),
@@ -2139,13 +2165,63 @@ impl IkeSa {
                 &peer_id.body_bytes(),
             ),
         };
-        crypto::verify_auth_psk(
-            keys.suite().prf(),
-            self.config.psk.as_bytes(),
-            &octets,
-            &auth.data,
-        )
-        .map_err(|e| failure("auth_failed", e))
+        match &self.config.auth {
+            Auth::Psk(psk) => {
+                crypto::verify_auth_psk(keys.suite().prf(), psk.as_bytes(), &octets, &auth.data)
+                    .map_err(|e| failure("auth_failed", e))
+            }
+            Auth::Pubkey(pk) => {
+                let certs: Vec<&CertPayload> = payloads
+                    .iter()
+                    .filter_map(|p| match p {
+                        Payload::Cert(c) => Some(c),
+                        _ => None,
+                    })
+                    .collect();
+                pk.verify(&certs, peer_id, auth, &octets)
+                    .map_err(|e| failure(e.reason, e.detail))
+            }
+        }
+    }
+
+    /// IKE_SA_INIT's payloads of certificate authentication: the hashes we
+    /// take (RFC 7427 §4) and, from a responder, the CAs we trust (CERTREQ).
+    fn init_auth_payloads(&self, certreq: bool) -> Vec<Payload> {
+        let Auth::Pubkey(pk) = &self.config.auth else {
+            return Vec::new();
+        };
+        let mut out = vec![Payload::Notify(NotifyPayload::signature_hash_algorithms(
+            &auth::OUR_SIGNATURE_HASHES,
+        ))];
+        if certreq {
+            out.push(Payload::CertReq(pk.certreq()));
+        }
+        out
+    }
+
+    /// Initiator: the responder did not authenticate. Tell it in an
+    /// INFORMATIONAL request of its own (RFC 7296 §2.21.2), sent once and
+    /// not awaited: the SA is closed right after.
+    fn tell_auth_failed(&mut self) {
+        let header = Header::request(
+            ExchangeType::INFORMATIONAL,
+            self.spi_i,
+            self.spi_r,
+            self.our_next_id,
+            true,
+        );
+        let notify = Payload::Notify(NotifyPayload::new(
+            NotifyType::AUTHENTICATION_FAILED,
+            vec![],
+        ));
+        if let Ok(bytes) = self.seal(header, &[notify]) {
+            self.transmit.push_back(Datagram {
+                src: self.local,
+                dst: self.remote,
+                payload: bytes,
+            });
+            *self.stats.errors_sent.entry("auth_failed").or_insert(0) += 1;
+        }
     }
 
     /// The cipher of what we send, and of what the peer sends: by the
@@ -2255,6 +2331,18 @@ impl IkeSa {
 
 /// `now + wait`, or `now` where the clock cannot represent it (never
 /// panics, unlike `Instant + Duration`).
+/// The hash IDs of a SIGNATURE_HASH_ALGORITHMS notify, if there is one.
+fn signature_hashes(payloads: &[Payload]) -> Option<Vec<u16>> {
+    payloads
+        .notify(NotifyType::SIGNATURE_HASH_ALGORITHMS)
+        .map(|n| {
+            n.data
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect()
+        })
+}
+
 fn later(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or(now)
 }

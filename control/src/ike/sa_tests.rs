@@ -48,7 +48,7 @@ fn config(name: &str, local: &str, remote: &str, psk: &[u8]) -> Config {
         remote_id: Identity::Fqdn(remote.to_string()),
         send_remote_id: true,
         send_initial_contact: true,
-        psk: Psk::new(psk.to_vec()),
+        auth: Auth::Psk(Psk::new(psk.to_vec())),
         ike_proposals: parse_proposals(Protocol::Ike, "aes128gcm16-prfsha256-x25519").unwrap(),
         esp_proposals: parse_proposals(Protocol::Esp, "aes128gcm16").unwrap(),
         local_ts: vec![],
@@ -387,7 +387,7 @@ fn cookie_is_repeated() {
 #[test]
 fn wrong_psk_is_authentication_failed_on_both_sides() {
     let mut r = responder_config();
-    r.psk = Psk::new(b"other".to_vec());
+    r.auth = Auth::Psk(Psk::new(b"other".to_vec()));
     let mut p = Pair::new(initiator_config(), r);
     p.pump();
     assert_eq!(failed(&p.r_events), Some("auth_failed"));
@@ -1324,3 +1324,6 @@ fn garbage_to_established_engines_changes_nothing() {
     assert_eq!(p.initiator.poll_timeout(), None);
     assert!(p.initiator.is_established() && p.responder.is_established());
 }
+
+#[path = "auth_tests.rs"]
+mod auth;
