@@ -25,6 +25,7 @@
 //! events and time, and yields [`Action`]s. The daemon owns the clock and the
 //! link.
 
+mod identity;
 mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -42,8 +43,8 @@ use zeroize::Zeroizing;
 use crate::ike::message::{ExchangeType, Header};
 use crate::ike::proposal::{parse_proposals, Protocol};
 use crate::ike::sa::{
-    prefix_selector, ChildMode, ChildSaEstablished, Config as IkeConfig, Datagram, Identity,
-    IkeEvent, IkeSa, Lifetimes, Psk, Retransmit, SpiAllocator,
+    prefix_selector, Auth, ChildMode, ChildSaEstablished, Config as IkeConfig, Datagram, Identity,
+    IkeEvent, IkeSa, Lifetimes, Psk, PubkeyAuth, Retransmit, SpiAllocator,
 };
 use crate::{debug, info};
 
@@ -210,14 +211,32 @@ fn engine_config(config: &Config, i: usize, c: &Connection) -> Result<IkeConfig,
     let field = |f: &str| format!("connection[{i}].{f}");
     let ike_proposals = parse_proposals(Protocol::Ike, &c.proposals.join(","))
         .map_err(|e| config.field_error(&field("proposals"), e.to_string()))?;
-    let psk = match &c.auth {
-        ConnAuth::Psk { psk, .. } => Psk::new(psk.to_vec()),
-        ConnAuth::Pubkey { .. } => {
-            return Err(config.field_error(
-                &field("auth"),
-                "auth = \"pubkey\" is not supported by this build yet; use \"psk\"",
-            ))
+    let auth = match &c.auth {
+        ConnAuth::Psk { psk, .. } => Auth::Psk(Psk::new(psk.to_vec())),
+        ConnAuth::Pubkey {
+            local_cert,
+            local_key,
+            ca_certs,
+        } => {
+            let pubkey = PubkeyAuth::load(local_cert, local_key, ca_certs).map_err(|e| {
+                // The message names the file; point at the field that names it.
+                let f = if e.contains(&local_key.display().to_string()) {
+                    "local_key"
+                } else if e.contains(&local_cert.display().to_string()) {
+                    "local_cert"
+                } else {
+                    "ca_certs"
+                };
+                config.field_error(&field(f), e)
+            })?;
+            Auth::Pubkey(Arc::new(pubkey))
         }
+    };
+    let local_id = match (&auth, parse_identity(&c.local_id)) {
+        // With a certificate, a DN identity is the certificate's subject as
+        // the certificate encodes it (what the peer compares it with).
+        (Auth::Pubkey(p), Ok(Identity::DerDn(_))) => Identity::DerDn(p.subject_der().to_vec()),
+        (_, id) => id.map_err(|e| config.field_error(&field("local_id"), e))?,
     };
     let child = &c.children[0];
     let cfield = |f: &str| format!("connection[{i}].children[0].{f}");
@@ -231,13 +250,12 @@ fn engine_config(config: &Config, i: usize, c: &Connection) -> Result<IkeConfig,
     };
     Ok(IkeConfig {
         name: c.name.clone(),
-        local_id: parse_identity(&c.local_id)
-            .map_err(|e| config.field_error(&field("local_id"), e))?,
+        local_id,
         remote_id: parse_identity(&c.remote_id)
             .map_err(|e| config.field_error(&field("remote_id"), e))?,
         send_remote_id: true,
         send_initial_contact: true,
-        psk,
+        auth,
         ike_proposals,
         esp_proposals,
         local_ts: ts(&child.local_ts),
@@ -254,32 +272,7 @@ fn engine_config(config: &Config, i: usize, c: &Connection) -> Result<IkeConfig,
     })
 }
 
-/// An identity as strongSwan writes it: an IP address, `user@domain`
-/// (RFC 822), or a domain name (FQDN). Distinguished names need the
-/// certificate support.
-pub fn parse_identity(s: &str) -> Result<Identity, String> {
-    let s = s.trim();
-    if let Ok(a) = s.parse::<IpAddr>() {
-        return Ok(match a {
-            IpAddr::V4(a) => Identity::Ipv4(a),
-            IpAddr::V6(a) => Identity::Ipv6(a),
-        });
-    }
-    if s.contains('=') {
-        return Err(format!(
-            "`{s}` looks like a distinguished name; DN identities are not supported by this build yet"
-        ));
-    }
-    if s.contains('@') {
-        return Ok(Identity::Rfc822(s.to_string()));
-    }
-    if s.is_empty() || s.chars().any(char::is_whitespace) {
-        return Err(format!(
-            "`{s}` is not an identity: write an address, a domain name or user@domain"
-        ));
-    }
-    Ok(Identity::Fqdn(s.to_string()))
-}
+pub use identity::parse_identity;
 
 /// Checks every connection of `config` as the proxy would run it.
 pub fn check(config: &Config) -> Result<(), ConfigError> {
@@ -882,6 +875,7 @@ impl Proxy {
             lifetime_packets: limits(cchild.rekey_packets, cchild.life_packets),
             lifetime_bytes: limits(cchild.rekey_bytes, cchild.life_bytes),
             origin: Origin::Ike,
+            policy: None,
         };
         let inb = SaSpec {
             name: inbound_sa_name(&out_name, child.inbound_spi),
@@ -901,6 +895,9 @@ impl Proxy {
             lifetime_packets: limits(cchild.rekey_packets, cchild.life_packets),
             lifetime_bytes: limits(cchild.rekey_bytes, cchild.life_bytes),
             origin: Origin::Ike,
+            // The child's inbound rules name `connection/child`: every inbound
+            // SA of the child (old and new during a rekey) passes them.
+            policy: Some(out_name.clone()),
         };
         info!(
             "IKE SA #{id}: Child SA `{out_name}` up: {mode}, {}, SPIs {:08x}_i {:08x}_o{}{}",
@@ -1010,7 +1007,7 @@ impl Proxy {
 }
 
 /// Inbound SAs are named by their SPI: during a rekey two of them live side
-/// by side.
-pub fn inbound_sa_name(out_name: &str, _spi: u32) -> String {
-    out_name.to_string()
+/// by side (under the policy name `connection/child`).
+pub fn inbound_sa_name(out_name: &str, spi: u32) -> String {
+    format!("{out_name}/{spi:08x}")
 }
