@@ -1482,6 +1482,30 @@ class Pki:
         return Cert(name, cert, key_path, subject, tuple(san), key)
 
 
+def subject_der(cert_path):
+    """The subject of a PEM certificate as DER: what an ID_DER_ASN1_DN naming
+    its owner carries."""
+    der = subprocess.run(["openssl", "x509", "-in", str(cert_path), "-outform", "DER"],
+                         capture_output=True, check=True).stdout
+
+    def end(i):  # the end of the TLV at i
+        length, j = der[i + 1], i + 2
+        if length & 0x80:
+            n = length & 0x7F
+            length, j = int.from_bytes(der[j:j + n], "big"), j + n
+        return j + length
+
+    def content(i):
+        return i + 2 + (der[i + 1] & 0x7F if der[i + 1] & 0x80 else 0)
+
+    i = content(content(0))  # Certificate, tbsCertificate
+    if der[i] == 0xA0:  # [0] version
+        i = end(i)
+    for _ in range(4):  # serialNumber, signature, issuer, validity
+        i = end(i)
+    return der[i:end(i)]
+
+
 # ---------------------------------------------------------------------------
 # Capture and what it shows
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import bitw_swan as sw
-from bitw_swan import Capture, Charon, Child, Conn, Pki, Topology
+from bitw_swan import Capture, Charon, Child, Conn, Pki, Topology, subject_der
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT / "target" / "release" / "examples" / "ike_peer"
@@ -287,30 +287,6 @@ def test_charon_deletes_the_ike_sa_engine_answers(topo, tmp_path):
 
 # ---------------------------------------------------------------------------
 # certificates
-
-def subject_der(cert_path):
-    """The subject of a PEM certificate as DER: what an ID_DER_ASN1_DN naming
-    its owner carries."""
-    der = subprocess.run(["openssl", "x509", "-in", str(cert_path), "-outform", "DER"],
-                         capture_output=True, check=True).stdout
-
-    def end(i):  # the end of the TLV at i
-        length, j = der[i + 1], i + 2
-        if length & 0x80:
-            n = length & 0x7F
-            length, j = int.from_bytes(der[j:j + n], "big"), j + n
-        return j + length
-
-    def content(i):
-        return i + 2 + (der[i + 1] & 0x7F if der[i + 1] & 0x80 else 0)
-
-    i = content(content(0))  # Certificate, tbsCertificate
-    if der[i] == 0xA0:  # [0] version
-        i = end(i)
-    for _ in range(4):  # serialNumber, signature, issuer, validity
-        i = end(i)
-    return der[i:end(i)]
-
 
 class CertCase:
     """A Pki with the terminal's and the counterpart's certificates, and the

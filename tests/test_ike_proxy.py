@@ -32,7 +32,7 @@ from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest
 
 import bitw_swan as sw
 from bitw_control_lib import CONTROL_BINARY, Proc, control_keys, ctl_ok, wait_until
-from bitw_swan import MARKER, Capture, Charon, Child, Conn, PingStream, Topology
+from bitw_swan import MARKER, Capture, Charon, Child, Conn, PingStream, Pki, Topology
 from bitw_testlib import render_config, toml_str, toml_value, unique_prefix
 
 PSK = b"bitw proxy interop PSK 0123456789abcdef"
@@ -68,7 +68,8 @@ class Rig:
     """Topology + bitw-dataplane + bitw-control as the terminal + charon as the counterpart."""
 
     def __init__(self, tmp_path, dataplane, family=4, esp="aes128gcm16", start_action="trap",
-                 charon_child=None, conn_extra=None, child_extra=None, charon_conn=None):
+                 charon_child=None, conn_extra=None, child_extra=None, charon_conn=None,
+                 ca=None):
         self.tmp, self.family = Path(tmp_path), family
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.topo = Topology("veth")
@@ -96,6 +97,8 @@ class Rig:
             self.cp.add(Conn("hq", c.addr(family), t.addr(family), psk=PSK, proposals=PROPOSALS,
                              children=[charon_child or Child("data", esp_proposals=esp)],
                              **(charon_conn or {})))
+            if ca:
+                self.cp.install_ca(ca)
             self.cp.start().load()
             self.capture = Capture(c.ns, c.ifname)
         except BaseException:
@@ -223,3 +226,48 @@ def test_terminal_traffic_triggers_initiation(rig_factory, family):
     assert sas[0].get("initiator") != "yes", sas  # charon is the responder
     assert r.lost == 0, f"{r}\n{rig.describe()}"
     check_capture(rig, r, "aes128gcm16")
+
+
+@pytest.mark.parametrize("who", ["counterpart", "terminal"])
+def test_certificates(rig_factory, tmp_path, who):
+    """bitw authenticates as the terminal with the terminal's certificate
+    (ECDSA, identity its DN; or RSA, its e-mail address) and checks charon's
+    (RSA, identity its FQDN) against the CA; either side initiates."""
+    pki = Pki(tmp_path / "pki")
+    t4, c4 = "10.99.0.1", "10.99.0.2"
+    if who == "counterpart":
+        tcert = pki.issue("meter", subject="C=CH, O=bitw test, CN=meter", san=[t4], key="ecdsa")
+        t_id, t_id_charon = tcert.subject, None
+    else:
+        tcert = pki.issue("meter", san=["meter@bitw.test"], key="rsa")
+        t_id = t_id_charon = "meter@bitw.test"
+    ccert = pki.issue("hq", san=["hq.bitw.test", c4], key="rsa")
+    # charon encodes a DN written as text with PrintableStrings, the
+    # certificate (openssl) with UTF8Strings: give it the certificate's DER.
+    if t_id_charon is None:
+        t_id_charon = "asn1dn:#" + sw.subject_der(tcert.cert).hex()
+    rig = rig_factory(
+        start_action="none" if who == "counterpart" else "trap",
+        conn_extra={"auth": "pubkey", "local_cert": str(tcert.cert), "local_key": str(tcert.key),
+                    "ca_certs": [str(pki.ca_cert)], "local_id": t_id,
+                    "remote_id": "hq.bitw.test"},
+        charon_conn={"auth": "pubkey", "cert": ccert, "local_id": "hq.bitw.test",
+                     "remote_id": t_id_charon},
+        ca=pki.ca_cert)
+    if who == "counterpart":
+        try:
+            rig.cp.initiate(child="data")
+            rig.cp.wait_established(child="data")
+        except sw.HarnessError as e:
+            raise AssertionError(f"{e}\n{rig.describe()}") from None
+        wait_until(lambda: re.search(r"Child SA `meter-hq/data` of IKE SA #\d+ .*: 2 installed",
+                                     rig.ctl.log()), what="the Child SA in the dataplane")
+    r = rig.ping(seconds=1.5, interval=0.02)
+    assert r.lost == 0, f"{r}\n{rig.describe()}"
+    log = rig.cp.log_text()
+    sig = "ECDSA_WITH_SHA256_DER" if who == "counterpart" else "RSA_EMSA_PKCS1_SHA2_256"
+    assert re.search(rf"authentication of '[^']*' with {sig} successful", log), log[-3000:]
+    sas = rig.cp.list_sas()
+    assert len(sas) == 1 and sas[0]["state"] == "ESTABLISHED", sas
+    check_capture(rig, r, "aes128gcm16")
+
