@@ -603,3 +603,203 @@ pub fn read_psk_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
     }
     Ok(Zeroizing::new(bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::os::unix::fs::PermissionsExt;
+
+    const BASE: &str = "[ports.inside]\ndevice = \"net_null0\"\n[ports.outside]\ndevice = \"net_null1\"\n\n[[terminal]]\nname = \"meter\"\naddress = \"10.99.0.1\"\n";
+
+    fn psk_file(tag: &str, mode: u32, content: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("bitw-conn-{tag}-{}.psk", std::process::id()));
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    fn with_conn(psk: &Path, conn_extra: &str, child_extra: &str) -> String {
+        format!(
+            "{BASE}\n[[connection]]\nname = \"meter-hq\"\nterminal = \"meter\"\nremote_addrs = [\"10.99.0.2\"]\nauth = \"psk\"\npsk_file = \"{}\"\n{conn_extra}\n[[connection.children]]\nname = \"data\"\n{child_extra}",
+            psk.display()
+        )
+    }
+
+    fn parse(text: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(Path::new("bitw.toml"), text)
+    }
+
+    #[test]
+    fn defaults_follow_strongswan() {
+        let psk = psk_file("defaults", 0o600, "a strong pre-shared key\n");
+        let c = parse(&with_conn(&psk, "", "")).unwrap();
+        let conn = &c.connections[0];
+        assert_eq!(
+            conn.terminal_address,
+            "10.99.0.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(conn.local_id, "10.99.0.1");
+        assert_eq!(conn.remote_id, "10.99.0.2");
+        assert_eq!(conn.start_action, StartAction::Trap);
+        assert_eq!(conn.rekey_time, Some(Duration::from_secs(4 * 3600)));
+        assert_eq!(conn.dpd_delay, Some(Duration::from_secs(30)));
+        assert_eq!(conn.proposals, default_ike_proposals());
+        match &conn.auth {
+            ConnAuth::Psk { psk, .. } => assert_eq!(&psk[..], b"a strong pre-shared key"),
+            other => panic!("{other:?}"),
+        }
+        let child = &conn.children[0];
+        assert_eq!(child.mode, ChildMode::Tunnel);
+        assert_eq!(child.local_ts, vec!["10.99.0.1/32".parse().unwrap()]);
+        assert_eq!(child.remote_ts, vec!["10.99.0.2/32".parse().unwrap()]);
+        assert_eq!(child.rekey_time, Some(Duration::from_secs(3600)));
+        assert_eq!(child.life_time, Some(Duration::from_secs(3960)));
+        assert_eq!(conn.child_sa_name("data"), "meter-hq/data");
+        // the PSK never shows in Debug
+        assert!(!format!("{c:?}").contains("strong pre-shared"));
+        let _ = std::fs::remove_file(psk);
+    }
+
+    #[test]
+    fn hex_psk_and_zero_durations() {
+        let psk = psk_file("hex", 0o600, "0x00112233445566778899aabbccddeeff\n");
+        let c = parse(&with_conn(
+            &psk,
+            "dpd_delay = \"0s\"\nrekey_time = 0\nstart_action = \"none\"\n",
+            "rekey_time = \"0\"\nmode = \"transport\"\nlocal_ts = [\"10.99.0.0/24\"]\nremote_ts = [\"10.0.0.0/8\", \"192.0.2.0/24\"]\n",
+        ))
+        .unwrap();
+        let conn = &c.connections[0];
+        assert_eq!(conn.dpd_delay, None);
+        assert_eq!(conn.rekey_time, None);
+        assert_eq!(conn.start_action, StartAction::None);
+        match &conn.auth {
+            ConnAuth::Psk { psk, .. } => assert_eq!(psk.len(), 16),
+            other => panic!("{other:?}"),
+        }
+        let child = &conn.children[0];
+        assert_eq!((child.rekey_time, child.life_time), (None, None));
+        assert_eq!(child.mode, ChildMode::Transport);
+        assert_eq!(child.remote_ts.len(), 2);
+        let _ = std::fs::remove_file(psk);
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let psk = psk_file("errs", 0o600, "a strong pre-shared key\n");
+        let loose = psk_file("loose", 0o644, "a strong pre-shared key\n");
+        let short = psk_file("short", 0o600, "tiny\n");
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                with_conn(&psk, "", "").replace("terminal = \"meter\"", "terminal = \"nobody\""),
+                "connection[0].terminal",
+                "no [[terminal]] is named `nobody`",
+            ),
+            (
+                with_conn(&psk, "", "").replace("[\"10.99.0.2\"]", "[\"fd00::2\"]"),
+                "connection[0].remote_addrs",
+                "different families",
+            ),
+            (
+                with_conn(&psk, "", "").replace("[\"10.99.0.2\"]", "[\"10.99.0\"]"),
+                "connection[0].remote_addrs",
+                "not an IPv4 or IPv6 address",
+            ),
+            (
+                with_conn(&psk, "", "").replace("[\"10.99.0.2\"]", "[]"),
+                "connection[0].remote_addrs",
+                "at least one",
+            ),
+            (
+                with_conn(&psk, "", "").replace("auth = \"psk\"", "auth = \"eap\""),
+                "connection[0].auth",
+                "\"psk\" or \"pubkey\"",
+            ),
+            (
+                with_conn(&loose, "", ""),
+                "connection[0].psk_file",
+                "readable by others",
+            ),
+            (
+                with_conn(&short, "", ""),
+                "connection[0].psk_file",
+                "at least 16",
+            ),
+            (
+                with_conn(&psk, "", "").replace("auth = \"psk\"", "auth = \"pubkey\""),
+                "connection[0].local_cert",
+                "needs local_cert",
+            ),
+            (
+                with_conn(&psk, "", "local_ts = [\"10.99.0.1/24\"]\n"),
+                "connection[0].children[0].local_ts",
+                "host bits",
+            ),
+            (
+                with_conn(&psk, "", "local_ts = [\"fd00::/64\"]\n"),
+                "connection[0].children[0].remote_ts",
+                "same address families",
+            ),
+            (
+                with_conn(&psk, "", "rekey_time = \"1h\"\nlife_time = \"30m\"\n"),
+                "connection[0].children[0].life_time",
+                "not after rekey_time",
+            ),
+            (
+                with_conn(&psk, "", "").replace("name = \"data\"", "name = \"da/ta\""),
+                "connection[0].children[0].name",
+                "letters, digits",
+            ),
+            (
+                with_conn(&psk, "", "").replace("name = \"meter-hq\"", "name = \"\""),
+                "connection[0].name",
+                "empty",
+            ),
+        ];
+        for (text, field, needle) in cases {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains(needle), "{e}");
+            assert!(e.line.is_some(), "{e}");
+        }
+        // two connections pairing the same terminal and counterpart
+        let text = with_conn(&psk, "", "");
+        let twice = format!(
+            "{text}{}",
+            &text[text.find("\n[[connection]]").unwrap()..].replace("meter-hq", "meter-hq2")
+        );
+        let e = parse(&twice).unwrap_err();
+        assert_eq!(
+            e.field.as_deref(),
+            Some("connection[1].remote_addrs"),
+            "{e}"
+        );
+        // a connection without children
+        let text = with_conn(&psk, "", "");
+        let e = parse(&text[..text.find("[[connection.children]]").unwrap()]).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("connection[0].children"), "{e}");
+        for f in [psk, loose, short] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    #[test]
+    fn field_lines_reach_control() {
+        let psk = psk_file("lines", 0o600, "a strong pre-shared key\n");
+        let c = parse(&with_conn(
+            &psk,
+            "proposals = [\"bogus\"]\n",
+            "esp_proposals = [\"x\"]\n",
+        ))
+        .unwrap();
+        let e = c.field_error("connection[0].proposals", "bad");
+        assert_eq!(e.line, Some(16), "{e}");
+        let e = c.field_error("connection[0].children[0].esp_proposals", "bad");
+        assert_eq!(e.line, Some(20), "{e}");
+        assert!(e
+            .to_string()
+            .starts_with("bitw.toml:20: field `connection[0].children[0].esp_proposals`"));
+        let _ = std::fs::remove_file(psk);
+    }
+}
