@@ -50,26 +50,37 @@ fn config(name: &str, local: &str, remote: &str, psk: &[u8]) -> Config {
         send_initial_contact: true,
         psk: Psk::new(psk.to_vec()),
         ike_proposals: parse_proposals(Protocol::Ike, "aes128gcm16-prfsha256-x25519").unwrap(),
-        esp_proposals: parse_proposals(Protocol::Esp, "aes128gcm16").unwrap(),
-        local_ts: vec![],
-        remote_ts: vec![],
-        mode: ChildMode::Tunnel,
-        lifetimes: Lifetimes::default(),
+        children: vec![child_config("net", &[], &[])],
+        ike_rekey_time: None,
+        dpd_delay: None,
+        keepalive_interval: None,
         retransmit: Retransmit::default(),
+    }
+}
+
+fn child_config(name: &str, local: &[&str], remote: &[&str]) -> ChildConfig {
+    ChildConfig {
+        name: name.to_string(),
+        esp_proposals: parse_proposals(Protocol::Esp, "aes128gcm16").unwrap(),
+        local_ts: local.iter().map(|s| prefix(s)).collect(),
+        remote_ts: remote.iter().map(|s| prefix(s)).collect(),
+        mode: ChildMode::Tunnel,
+        rekey_time: None,
+        life_time: None,
     }
 }
 
 fn initiator_config() -> Config {
     let mut c = config("net", "left.example", "right.example", b"secret");
-    c.local_ts = vec![prefix("10.1.0.0/16")];
-    c.remote_ts = vec![prefix("10.2.0.0/16")];
+    c.children[0].local_ts = vec![prefix("10.1.0.0/16")];
+    c.children[0].remote_ts = vec![prefix("10.2.0.0/16")];
     c
 }
 
 fn responder_config() -> Config {
     let mut c = config("net", "right.example", "left.example", b"secret");
-    c.local_ts = vec![prefix("10.2.0.0/16")];
-    c.remote_ts = vec![prefix("10.1.0.0/16")];
+    c.children[0].local_ts = vec![prefix("10.2.0.0/16")];
+    c.children[0].remote_ts = vec![prefix("10.1.0.0/16")];
     c
 }
 
@@ -90,6 +101,7 @@ impl Pair {
         let initiator = IkeSa::initiate(
             now,
             i,
+            "net",
             addr(I_ADDR),
             addr(R_ADDR),
             Box::new(TestRng(1)),
@@ -279,7 +291,7 @@ fn every_ike_cipher_and_group_establishes() {
         let mut r = responder_config();
         for c in [&mut i, &mut r] {
             c.ike_proposals = parse_proposals(Protocol::Ike, ike).unwrap();
-            c.esp_proposals = parse_proposals(Protocol::Esp, esp).unwrap();
+            c.children[0].esp_proposals = parse_proposals(Protocol::Esp, esp).unwrap();
         }
         let mut p = Pair::new(i, r);
         p.pump();
@@ -292,15 +304,15 @@ fn every_ike_cipher_and_group_establishes() {
 fn transport_mode_only_when_both_want_it() {
     let mut i = initiator_config();
     let mut r = responder_config();
-    i.mode = ChildMode::Transport;
-    r.mode = ChildMode::Transport;
+    i.children[0].mode = ChildMode::Transport;
+    r.children[0].mode = ChildMode::Transport;
     let mut p = Pair::new(i, r);
     p.pump();
     assert_eq!(child(&p.i_events).mode, ChildMode::Transport);
     assert_eq!(child(&p.r_events).mode, ChildMode::Transport);
 
     let mut i = initiator_config();
-    i.mode = ChildMode::Transport;
+    i.children[0].mode = ChildMode::Transport;
     let mut p = Pair::new(i, responder_config());
     p.pump();
     assert_eq!(child(&p.r_events).mode, ChildMode::Tunnel);
@@ -421,7 +433,7 @@ fn ike_proposal_mismatch_is_no_proposal_chosen() {
 #[test]
 fn esp_proposal_mismatch_keeps_the_ike_sa_without_a_child() {
     let mut r = responder_config();
-    r.esp_proposals = parse_proposals(Protocol::Esp, "chacha20poly1305").unwrap();
+    r.children[0].esp_proposals = parse_proposals(Protocol::Esp, "chacha20poly1305").unwrap();
     let mut p = Pair::new(initiator_config(), r);
     p.pump();
     assert!(p.initiator.is_established());
@@ -433,7 +445,7 @@ fn esp_proposal_mismatch_keeps_the_ike_sa_without_a_child() {
 #[test]
 fn traffic_selectors_are_narrowed_by_the_responder() {
     let mut r = responder_config();
-    r.local_ts = vec![prefix("10.2.3.0/24")];
+    r.children[0].local_ts = vec![prefix("10.2.3.0/24")];
     let mut p = Pair::new(initiator_config(), r);
     p.pump();
     let (i, r) = (child(&p.i_events), child(&p.r_events));
@@ -445,7 +457,7 @@ fn traffic_selectors_are_narrowed_by_the_responder() {
 #[test]
 fn disjoint_traffic_selectors_are_ts_unacceptable() {
     let mut r = responder_config();
-    r.local_ts = vec![prefix("192.168.0.0/16")];
+    r.children[0].local_ts = vec![prefix("192.168.0.0/16")];
     let mut p = Pair::new(initiator_config(), r);
     p.pump();
     assert_eq!(child_failed(&p.r_events), Some("ts_unacceptable"));
@@ -667,8 +679,8 @@ fn liveness_checks_are_answered_both_ways() {
     p.pump();
     assert!(p.initiator.send_liveness_check(p.now));
     assert!(
-        !p.initiator.send_liveness_check(p.now),
-        "one request at a time"
+        p.initiator.send_liveness_check(p.now),
+        "merged with the outstanding one"
     );
     p.pump();
     assert_eq!(p.initiator.poll_timeout(), None);
@@ -766,7 +778,7 @@ fn pfs_configs() -> (Config, Config) {
     let mut i = initiator_config();
     let mut r = responder_config();
     for c in [&mut i, &mut r] {
-        c.esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-x25519").unwrap();
+        c.children[0].esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-x25519").unwrap();
     }
     (i, r)
 }
@@ -780,7 +792,7 @@ fn a_child_rekey_with_pfs_is_answered_with_matching_keys() {
         child(&p.i_events).inbound_spi,
         child(&p.r_events).inbound_spi,
     );
-    let esp = p.initiator.config.esp_proposals.clone();
+    let esp = p.initiator.config.children[0].esp_proposals.clone();
     let pair = KeyPair::generate(dh::DhGroup::Curve25519, &mut TestRng(5)).unwrap();
     let ni = vec![9u8; 32];
     let request = vec![
@@ -811,6 +823,7 @@ fn a_child_rekey_with_pfs_is_answered_with_matching_keys() {
     let lengths = ChildSaKeyLengths::for_esp(crypto::Encryption::AesGcm16_128, None).unwrap();
     let expected = p
         .initiator
+        .cur
         .keys
         .as_ref()
         .unwrap()
@@ -847,7 +860,7 @@ fn a_child_rekey_with_pfs_is_answered_with_matching_keys() {
     );
     // The old SA goes when the rekey's initiator deletes it (the message
     // ID after the hand-made request).
-    p.initiator.our_next_id = 3;
+    p.initiator.cur.our_next_id = 3;
     assert!(p.initiator.delete_child(p.now, old_i_in));
     p.pump();
     assert!(p.r_events.iter().any(|e| matches!(e,
@@ -888,8 +901,8 @@ fn engines_rekey_a_child_sa_with_and_without_pfs_from_either_side() {
         };
         assert!(rekeyer.rekey_child(p.now, rekeyer_old));
         assert!(
-            !rekeyer.rekey_child(p.now, rekeyer_old),
-            "one request at a time"
+            rekeyer.rekey_child(p.now, rekeyer_old),
+            "merged with the outstanding one"
         );
         p.pump();
         let (new_i, new_r) = (rekeyed(&p.i_events).unwrap(), rekeyed(&p.r_events).unwrap());
@@ -901,14 +914,13 @@ fn engines_rekey_a_child_sa_with_and_without_pfs_from_either_side() {
         assert_eq!(new_i.rekeys, Some(old_i));
         assert_eq!(new_r.rekeys, Some(old_r));
         assert_eq!(new_i.local_ts, child(&p.i_events).local_ts);
-        // The rekeyer then deletes the old SA on both sides.
+        // The rekeyer deleted the old SA on both sides by itself.
         let rekeyer = if by_initiator {
             &mut p.initiator
         } else {
             &mut p.responder
         };
-        assert!(rekeyer.delete_child(p.now, rekeyer_old));
-        p.pump();
+        assert!(!rekeyer.delete_child(p.now, rekeyer_old), "already gone");
         let deleted: Vec<u32> = p
             .i_events
             .iter()
@@ -931,7 +943,8 @@ fn engines_rekey_a_child_sa_with_and_without_pfs_from_either_side() {
 #[test]
 fn create_child_sa_refusals_keep_the_ike_sa() {
     let (i, mut r) = pfs_configs();
-    r.esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-ecp256-x25519").unwrap();
+    r.children[0].esp_proposals =
+        parse_proposals(Protocol::Esp, "aes128gcm16-ecp256-x25519").unwrap();
     let mut p = Pair::new(i, r);
     p.pump();
     let esp = parse_proposals(Protocol::Esp, "aes128gcm16-ecp256-x25519").unwrap();
@@ -987,8 +1000,8 @@ fn create_child_sa_refusals_keep_the_ike_sa() {
     let reply = create_child(&mut p, 5, &request);
     assert!(reply.notify(NotifyType::TS_UNACCEPTABLE).is_some());
 
-    // Rekeying the IKE SA is not implemented.
-    let ike = p.initiator.config.ike_proposals.clone();
+    // An IKE rekey with proposals we do not accept.
+    let ike = parse_proposals(Protocol::Ike, "aes256gcm16-prfsha384-x25519").unwrap();
     let request = vec![
         Payload::Sa(offer(
             &ike,
@@ -999,7 +1012,7 @@ fn create_child_sa_refusals_keep_the_ike_sa() {
         ke(31),
     ];
     let reply = create_child(&mut p, 6, &request);
-    assert!(reply.notify(NotifyType::NO_ADDITIONAL_SAS).is_some());
+    assert!(reply.notify(NotifyType::NO_PROPOSAL_CHOSEN).is_some());
 
     // Garbage inside a valid SK payload.
     let reply = create_child(&mut p, 7, &[Payload::Nonce(vec![1; 32])]);
@@ -1010,14 +1023,14 @@ fn create_child_sa_refusals_keep_the_ike_sa() {
         "child_sa_not_found",
         "invalid_ke_payload",
         "ts_unacceptable",
-        "no_additional_sas",
+        "no_proposal_chosen",
         "invalid_syntax",
     ] {
         assert_eq!(sent.get(reason), Some(&1), "{reason}");
     }
     assert!(p.responder.is_established());
     // The initiator's own counter did not move with the hand-made requests.
-    p.initiator.our_next_id = 8;
+    p.initiator.cur.our_next_id = 8;
     assert!(p.initiator.send_liveness_check(p.now));
     p.pump();
     assert_eq!(p.initiator.poll_timeout(), None);
