@@ -1310,14 +1310,14 @@ impl IkeSa {
         // The I flag says who sent it: the original initiator's requests
         // carry it, ours are answered only when we are the responder.
         let from_original_initiator = header.flags.is_initiator();
+        if self.state != State::AwaitInit && header.spi_i != self.cur.spi_i {
+            return Err(reject("bad_spi"));
+        }
         if from_original_initiator != (self.cur.role == Role::Responder) {
             return Err(reject("bad_flags"));
         }
         if self.state == State::AwaitInit {
             return self.handle_init_request(dg, view);
-        }
-        if header.spi_i != self.cur.spi_i {
-            return Err(reject("bad_spi"));
         }
         if let Some(cached) = &self.cur.cached {
             let init_retransmit = header.exchange == ExchangeType::IKE_SA_INIT && header.spi_r == 0;
@@ -2063,6 +2063,7 @@ impl IkeSa {
         if let Some(new) = new {
             if let Some(ours) = self.ike_rekey.as_mut() {
                 ours.abandoned = true;
+                self.stats.ike_rekeys_failed += 1;
             }
             self.switch_to(now, new, OLD_IKE_SA_WAIT);
         }

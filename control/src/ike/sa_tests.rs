@@ -163,6 +163,33 @@ impl Pair {
         }
     }
 
+    /// Runs both engines' timers up to `end`, delivering what they send.
+    fn run_until(&mut self, end: Instant) {
+        for _ in 0..10_000 {
+            self.pump();
+            let next = [self.initiator.poll_timeout(), self.responder.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            match next {
+                Some(t) if t <= end => {
+                    self.now = self.now.max(t);
+                    self.initiator.handle_timeout(self.now);
+                    self.responder.handle_timeout(self.now);
+                }
+                _ => {
+                    self.now = end;
+                    return;
+                }
+            }
+        }
+        panic!("the timers never settled");
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        self.run_until(self.now + d);
+    }
+
     fn advance(&mut self, by: Duration) {
         self.now += by;
         self.initiator.handle_timeout(self.now);
@@ -1336,4 +1363,598 @@ fn garbage_to_established_engines_changes_nothing() {
     p.pump();
     assert_eq!(p.initiator.poll_timeout(), None);
     assert!(p.initiator.is_established() && p.responder.is_established());
+}
+
+// ------------------------------------------------------------------ several Child SAs
+
+fn children_established(events: &[IkeEvent]) -> Vec<&ChildSaEstablished> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            IkeEvent::ChildSaEstablished(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn deleted_children(events: &[IkeEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            IkeEvent::ChildSaDeleted { inbound_spi, .. } => Some(*inbound_spi),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rekeys(events: &[IkeEvent]) -> Vec<((u64, u64), (u64, u64))> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            IkeEvent::IkeSaRekeyed { old_spis, new_spis } => Some((*old_spis, *new_spis)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn no_trouble(p: &Pair) {
+    for events in [&p.i_events, &p.r_events] {
+        assert!(
+            events.iter().all(|e| !matches!(
+                e,
+                IkeEvent::Failed { .. }
+                    | IkeEvent::Rejected { .. }
+                    | IkeEvent::ChildSaFailed { .. }
+            )),
+            "{events:#?}"
+        );
+    }
+    assert_eq!(
+        p.initiator.stats().rejected_total() + p.responder.stats().rejected_total(),
+        0
+    );
+}
+
+/// Initiator children "net" (10.1/16 - 10.2/16) and "extra" (10.1.5/24 -
+/// 10.2.5/24, PFS); the responder has "other" (192.168/16, matching
+/// nothing), "web" (10.2.5/24, PFS) and "net".
+fn multi_child_configs() -> (Config, Config) {
+    let mut i = initiator_config();
+    let mut extra = child_config("extra", &["10.1.5.0/24"], &["10.2.5.0/24"]);
+    extra.esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-x25519").unwrap();
+    i.children.push(extra);
+    let mut r = responder_config();
+    let mut web = child_config("web", &["10.2.5.0/24"], &["10.1.0.0/16"]);
+    web.esp_proposals = parse_proposals(
+        Protocol::Esp,
+        "aes256gcm16-x25519,aes128gcm16-x25519,aes128gcm16",
+    )
+    .unwrap();
+    let net = r.children.remove(0);
+    r.children = vec![
+        child_config("other", &["192.168.0.0/16"], &["192.168.0.0/16"]),
+        web,
+        net,
+    ];
+    (i, r)
+}
+
+#[test]
+fn the_responder_takes_the_first_child_config_whose_selectors_meet() {
+    let (i, r) = multi_child_configs();
+    let mut p = Pair::new(i, r);
+    p.pump();
+    // "net" proposes 10.2.0.0/16: "web" (10.2.5.0/24) meets it first.
+    let (ci, cr) = (child(&p.i_events), child(&p.r_events));
+    assert_eq!(cr.name, "web");
+    assert_eq!(ci.name, "net");
+    assert_eq!(cr.local_ts, vec![prefix("10.2.5.0/24")]);
+    assert_eq!(ci.remote_ts, vec![prefix("10.2.5.0/24")]);
+    assert_keys_crossed(ci, cr);
+    no_trouble(&p);
+}
+
+#[test]
+fn initiating_with_an_unknown_child_fails_with_config() {
+    let mut sa = IkeSa::initiate(
+        Instant::now(),
+        initiator_config(),
+        "nope",
+        addr(I_ADDR),
+        addr(R_ADDR),
+        Box::new(TestRng(1)),
+        Box::new(CountingSpis { ike: 0, esp: 0 }),
+    );
+    assert!(sa.is_closed());
+    assert!(sa.poll_transmit().is_none());
+    assert!(matches!(
+        sa.poll_event(),
+        Some(IkeEvent::Failed {
+            reason: "config",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn create_child_sets_up_another_child_sa_from_either_side() {
+    let (i, r) = multi_child_configs();
+    let mut p = Pair::new(i, r);
+    p.pump();
+    assert!(!p.initiator.create_child(p.now, "nope"));
+    assert!(p.initiator.create_child(p.now, "extra"));
+    p.pump();
+    let (ci, cr) = (
+        children_established(&p.i_events),
+        children_established(&p.r_events),
+    );
+    assert_eq!(ci.len(), 2);
+    assert_eq!(cr.len(), 2);
+    assert_eq!((ci[1].name.as_str(), cr[1].name.as_str()), ("extra", "web"));
+    assert_eq!((ci[1].rekeys, cr[1].rekeys), (None, None));
+    assert_keys_crossed(ci[1], cr[1]);
+    assert_eq!(ci[1].aead, AeadAlg::Aes128Gcm16);
+    assert_eq!(ci[1].local_ts, vec![prefix("10.1.5.0/24")]);
+    // The responder's side: its "net" with the whole prefixes.
+    assert!(p.responder.create_child(p.now, "net"));
+    p.pump();
+    let (ci, cr) = (
+        children_established(&p.i_events),
+        children_established(&p.r_events),
+    );
+    assert_eq!((ci.len(), cr.len()), (3, 3));
+    assert_eq!((ci[2].name.as_str(), cr[2].name.as_str()), ("net", "net"));
+    assert_keys_crossed(ci[2], cr[2]);
+    no_trouble(&p);
+}
+
+#[test]
+fn a_refused_create_child_is_child_sa_failed() {
+    let mut i = initiator_config();
+    i.children
+        .push(child_config("far", &["172.16.0.0/12"], &["172.16.0.0/12"]));
+    let mut p = Pair::new(i, responder_config());
+    p.pump();
+    assert!(p.initiator.create_child(p.now, "far"));
+    p.pump();
+    assert!(p.i_events.iter().any(|e| matches!(e,
+        IkeEvent::ChildSaFailed { name, reason: "ts_unacceptable" } if name == "far")));
+    assert!(p.initiator.is_established() && p.responder.is_established());
+}
+
+// ------------------------------------------------------------------ request queue
+
+#[test]
+fn requests_queue_behind_the_outstanding_one_and_go_in_order() {
+    let (i, r) = multi_child_configs();
+    let mut p = Pair::new(i, r);
+    p.pump();
+    let first = child(&p.i_events).inbound_spi;
+    // Watch the requests on the wire: never two outstanding.
+    let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = log.clone();
+    p.wire = Box::new(move |to_responder, d| {
+        let m = Message::decode(&d.payload).unwrap();
+        seen.borrow_mut().push((to_responder, m.header));
+        Some(d)
+    });
+    assert!(p.initiator.send_liveness_check(p.now));
+    assert!(p.initiator.create_child(p.now, "extra"));
+    assert!(p.initiator.rekey_child(p.now, first));
+    assert!(p.initiator.delete_child(p.now, first));
+    assert!(p.initiator.rekey_ike(p.now));
+    assert!(
+        p.initiator.send_liveness_check(p.now),
+        "merged with the first"
+    );
+    assert!(p.initiator.create_child(p.now, "net"));
+    // Only the first went out yet.
+    assert_eq!(p.initiator.transmit.len(), 1);
+    p.pump();
+    let requests: Vec<_> = log
+        .borrow()
+        .iter()
+        .filter(|(to_r, _)| *to_r)
+        .map(|(_, h)| (h.exchange, h.spi_i, h.message_id))
+        .collect();
+    use ExchangeType as X;
+    let (old, new) = rekeys(&p.i_events)[0];
+    assert_eq!(
+        requests,
+        vec![
+            (X::INFORMATIONAL, old.0, 2),
+            (X::CREATE_CHILD_SA, old.0, 3),
+            (X::CREATE_CHILD_SA, old.0, 4),
+            (X::INFORMATIONAL, old.0, 5), // the delete, asked for and after the rekey (merged)
+            (X::CREATE_CHILD_SA, old.0, 6), // the IKE rekey
+            (X::INFORMATIONAL, old.0, 7), // the old IKE SA's Delete
+            (X::CREATE_CHILD_SA, new.0, 0), // the last Child SA, under the new SA
+        ]
+    );
+    // On each IKE SA, every request was answered before the next went out.
+    let log = log.borrow();
+    for spi in [old.0, new.0] {
+        let on_sa: Vec<_> = log.iter().filter(|(_, h)| h.spi_i == spi).collect();
+        for pair in on_sa.chunks(2) {
+            assert!(pair[0].0 && !pair[1].0, "{pair:?}");
+            assert_eq!(pair[0].1.message_id, pair[1].1.message_id);
+        }
+    }
+    assert_eq!(
+        deleted_children(&p.i_events),
+        vec![first],
+        "{:#?}",
+        p.i_events
+    );
+    assert_eq!(
+        children_established(&p.i_events).len(),
+        4,
+        "{:#?}",
+        p.i_events
+    );
+    assert_eq!(p.initiator.queue.len(), 0);
+    assert_eq!(p.initiator.poll_timeout(), None);
+    no_trouble(&p);
+}
+
+#[test]
+fn requests_are_refused_only_when_they_make_no_sense() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    // Not established yet.
+    assert!(!p.initiator.send_liveness_check(p.now));
+    assert!(!p.initiator.rekey_ike(p.now));
+    assert!(!p.initiator.create_child(p.now, "net"));
+    assert!(!p.initiator.delete(p.now));
+    p.pump();
+    assert!(!p.initiator.rekey_child(p.now, 0xdead));
+    assert!(!p.initiator.delete_child(p.now, 0xdead));
+    assert!(p.initiator.delete(p.now));
+    p.pump();
+    assert!(p.initiator.is_closed());
+    assert!(!p.initiator.send_liveness_check(p.now));
+    assert!(!p.initiator.rekey_ike(p.now));
+}
+
+// ------------------------------------------------------------------ timers
+
+#[test]
+fn a_child_sa_is_rekeyed_at_its_rekey_time_with_jitter_and_the_old_one_deleted() {
+    let mut i = initiator_config();
+    i.children[0].rekey_time = Some(Duration::from_secs(1000));
+    i.children[0].life_time = Some(Duration::from_secs(1100));
+    let mut p = Pair::new(i, responder_config());
+    p.pump();
+    let start = p.now;
+    let old = child(&p.i_events).inbound_spi;
+    let at = p.initiator.poll_timeout().unwrap();
+    assert!(at > start + Duration::from_secs(899) && at <= start + Duration::from_secs(1000));
+    p.run_for(Duration::from_secs(899));
+    assert!(rekeyed(&p.i_events).is_none());
+    p.run_for(Duration::from_secs(101));
+    let new = rekeyed(&p.i_events).expect("rekeyed").inbound_spi;
+    assert_eq!(rekeyed(&p.i_events).unwrap().rekeys, Some(old));
+    assert_eq!(deleted_children(&p.i_events), vec![old]);
+    // The new one is rekeyed in turn, about 1000 s later; never deleted by
+    // its life time because the rekey comes first.
+    p.run_for(Duration::from_secs(1000));
+    let all = children_established(&p.i_events);
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[2].rekeys, Some(new));
+    assert_eq!(deleted_children(&p.i_events), vec![old, new]);
+    no_trouble(&p);
+}
+
+#[test]
+fn a_child_sa_is_deleted_at_its_life_time() {
+    let mut r = responder_config();
+    r.children[0].life_time = Some(Duration::from_secs(50));
+    let mut p = Pair::new(initiator_config(), r);
+    p.pump();
+    let spi = child(&p.r_events).inbound_spi;
+    p.run_for(Duration::from_secs(49));
+    assert!(deleted_children(&p.r_events).is_empty());
+    p.run_for(Duration::from_secs(1));
+    assert_eq!(deleted_children(&p.r_events), vec![spi]);
+    assert_eq!(deleted_children(&p.i_events).len(), 1);
+    assert!(p.responder.is_established());
+    assert_eq!(p.responder.poll_timeout(), None);
+}
+
+#[test]
+fn the_ike_sa_is_rekeyed_at_its_rekey_time() {
+    let mut r = responder_config();
+    r.ike_rekey_time = Some(Duration::from_secs(3600));
+    let mut p = Pair::new(initiator_config(), r);
+    p.pump();
+    p.run_for(Duration::from_secs(3239));
+    assert!(rekeys(&p.r_events).is_empty());
+    p.run_for(Duration::from_secs(361));
+    assert_eq!(rekeys(&p.r_events).len(), 1);
+    assert_eq!(rekeys(&p.i_events), rekeys(&p.r_events));
+    // And again about an hour later, under the new SA.
+    p.run_for(Duration::from_secs(3600));
+    assert_eq!(rekeys(&p.r_events).len(), 2);
+    assert_eq!(p.initiator.spis(), p.responder.spis());
+    no_trouble(&p);
+}
+
+#[test]
+fn dpd_checks_a_silent_peer_and_fails_when_it_is_gone() {
+    let mut i = initiator_config();
+    i.dpd_delay = Some(Duration::from_secs(30));
+    let mut p = Pair::new(i, responder_config());
+    p.pump();
+    assert_eq!(
+        p.initiator.poll_timeout(),
+        Some(p.now + Duration::from_secs(30))
+    );
+    p.run_for(Duration::from_secs(30));
+    assert_eq!(
+        p.responder.stats().requests_answered,
+        3,
+        "one liveness check"
+    );
+    // Traffic from the peer postpones the next check.
+    p.run_for(Duration::from_secs(20));
+    assert!(p.responder.send_liveness_check(p.now));
+    p.pump();
+    p.run_for(Duration::from_secs(29));
+    assert_eq!(p.responder.stats().requests_answered, 3);
+    p.run_for(Duration::from_secs(1));
+    assert_eq!(p.responder.stats().requests_answered, 4);
+    // The peer disappears: the check goes unanswered and the SA fails.
+    p.wire = Box::new(|_, _| None);
+    p.run_for(Duration::from_secs(600));
+    assert_eq!(failed(&p.i_events), Some("timeout"));
+    assert!(p.initiator.is_closed());
+    assert_eq!(p.initiator.poll_timeout(), None);
+}
+
+#[test]
+fn nat_t_keepalives_go_from_4500_to_4500_while_a_nat_is_detected() {
+    let mut i = initiator_config();
+    i.keepalive_interval = Some(Duration::from_secs(20));
+    let mut p = Pair::new(i, responder_config());
+    // A NAT in front of the initiator.
+    p.wire = Box::new(|to_responder, mut d| {
+        if to_responder {
+            d.src = SocketAddr::new("203.0.113.5".parse().unwrap(), d.src.port() + 1000);
+        } else {
+            d.dst = SocketAddr::new("10.0.0.1".parse().unwrap(), d.dst.port() - 1000);
+        }
+        Some(d)
+    });
+    p.pump();
+    assert!(p.initiator.nat_detected());
+    p.now += Duration::from_secs(20);
+    p.initiator.handle_timeout(p.now);
+    let keepalive = p.initiator.poll_transmit().expect("a keepalive");
+    assert_eq!(keepalive.payload, vec![0xff]);
+    assert_eq!(
+        (keepalive.src, keepalive.dst),
+        (addr("10.0.0.1:4500"), addr("10.0.0.2:4500"))
+    );
+    assert!(p.initiator.poll_transmit().is_none());
+    assert_eq!(
+        p.initiator.poll_timeout(),
+        Some(p.now + Duration::from_secs(20))
+    );
+    // A keepalive reaching an engine is rejected harmlessly.
+    p.responder.handle(p.now, keepalive);
+    assert!(p.responder.is_established());
+    // Without a NAT, no keepalives.
+    let mut i = initiator_config();
+    i.keepalive_interval = Some(Duration::from_secs(20));
+    let mut p = Pair::new(i, responder_config());
+    p.pump();
+    assert_eq!(p.initiator.poll_timeout(), None);
+}
+
+// ------------------------------------------------------------------ IKE SA rekey
+
+#[test]
+fn the_ike_sa_is_rekeyed_from_either_side_and_keeps_working() {
+    for by_initiator in [true, false] {
+        let (i, r) = pfs_configs();
+        let mut p = Pair::new(i, r);
+        p.pump();
+        let before = p.initiator.spis();
+        // A request under the old SA, to replay later.
+        assert!(p.initiator.send_liveness_check(p.now));
+        let old_request = p.initiator.transmit.front().cloned().unwrap();
+        p.pump();
+        let rekeyer = if by_initiator {
+            &mut p.initiator
+        } else {
+            &mut p.responder
+        };
+        assert!(rekeyer.rekey_ike(p.now));
+        p.pump();
+        let (ri, rr) = (rekeys(&p.i_events), rekeys(&p.r_events));
+        assert_eq!(ri.len(), 1, "{by_initiator}");
+        assert_eq!(ri, rr);
+        let (old, new) = ri[0];
+        assert_eq!(old, before);
+        assert_eq!(p.initiator.spis(), new);
+        assert_eq!(p.responder.spis(), new);
+        assert_ne!(new.0, old.0);
+        assert_ne!(new.1, old.1);
+        // The rekey's initiator is the new SA's initiator (its SPI first).
+        if by_initiator {
+            assert_eq!(new.0 & 0xf000, 0x1000);
+        } else {
+            assert_eq!(new.0 & 0xf000, 0x2000);
+        }
+        // The old SA's Delete is done: only the new SPIs remain.
+        assert_eq!(p.initiator.all_spis(), vec![new]);
+        assert_eq!(p.responder.all_spis(), vec![new]);
+        assert!(p.initiator.old.is_none() && p.responder.old.is_none());
+        assert_eq!(p.initiator.cur.our_next_id + p.responder.cur.our_next_id, 0);
+        // Child SAs are created and rekeyed under the new SA.
+        let first = child(&p.i_events).inbound_spi;
+        assert!(p.initiator.rekey_child(p.now, first));
+        assert!(p.responder.create_child(p.now, "net"));
+        p.pump();
+        let (ci, cr) = (
+            children_established(&p.i_events),
+            children_established(&p.r_events),
+        );
+        assert_eq!((ci.len(), cr.len()), (3, 3));
+        for c in &ci {
+            let other = cr.iter().find(|r| r.inbound_spi == c.outbound_spi).unwrap();
+            assert_keys_crossed(c, other);
+        }
+        assert_eq!(deleted_children(&p.i_events), vec![first]);
+        assert!(p.initiator.send_liveness_check(p.now));
+        p.pump();
+        no_trouble(&p);
+        // The old SA's datagrams are no longer accepted.
+        p.responder.handle(p.now, old_request);
+        assert!(p.responder.poll_transmit().is_none());
+        assert_eq!(p.responder.stats().rejected("bad_spi"), 1);
+        p.drain_events();
+        assert!(matches!(
+            p.r_events.last(),
+            Some(IkeEvent::Rejected {
+                reason: "bad_spi",
+                ..
+            })
+        ));
+        // And the new SA can be deleted.
+        assert!(p.responder.delete(p.now));
+        p.pump();
+        assert!(p.initiator.is_closed() && p.responder.is_closed());
+    }
+}
+
+#[test]
+fn the_old_ike_sa_answers_until_its_delete_and_a_lost_rekey_response_is_repeated() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.pump();
+    // Drop the first IKE rekey response: the rekey's initiator retransmits
+    // under the old SA, the responder (already on the new SA) answers from
+    // the old SA's cache.
+    let mut dropped = false;
+    p.wire = Box::new(move |to_responder, d| {
+        let m = Message::decode(&d.payload).unwrap();
+        if !to_responder && m.header.exchange == ExchangeType::CREATE_CHILD_SA && !dropped {
+            dropped = true;
+            return None;
+        }
+        Some(d)
+    });
+    assert!(p.initiator.rekey_ike(p.now));
+    p.pump();
+    assert_eq!(rekeys(&p.r_events).len(), 1);
+    assert!(rekeys(&p.i_events).is_empty());
+    assert_eq!(p.responder.all_spis().len(), 2);
+    p.advance(Duration::from_secs(1));
+    p.pump();
+    assert_eq!(rekeys(&p.i_events), rekeys(&p.r_events));
+    assert_eq!(p.responder.stats().retransmits_answered, 1);
+    assert_eq!(p.responder.all_spis().len(), 1);
+    no_trouble(&p);
+}
+
+#[test]
+fn an_old_ike_sa_without_a_delete_is_dropped_after_a_while() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.pump();
+    // The initiator's Delete of the old SA never arrives.
+    p.wire = Box::new(|to_responder, d| {
+        let m = Message::decode(&d.payload).unwrap();
+        (!(to_responder && m.header.exchange == ExchangeType::INFORMATIONAL)).then_some(d)
+    });
+    assert!(p.initiator.rekey_ike(p.now));
+    p.pump();
+    assert_eq!(p.responder.all_spis().len(), 2);
+    p.run_for(OLD_IKE_SA_WAIT);
+    assert_eq!(p.responder.all_spis().len(), 1);
+    assert_eq!(
+        p.initiator.all_spis().len(),
+        1,
+        "gave up retransmitting the Delete"
+    );
+    assert!(p.initiator.is_established() && p.responder.is_established());
+    assert_eq!(p.initiator.poll_timeout(), None);
+}
+
+#[test]
+fn simultaneous_ike_rekeys_end_in_one_new_ike_sa() {
+    for seed in 0..6u64 {
+        let mut p = Pair::new(initiator_config(), responder_config());
+        p.initiator.rng = Box::new(TestRng(100 + seed));
+        p.pump();
+        assert!(p.initiator.rekey_ike(p.now));
+        assert!(p.responder.rekey_ike(p.now));
+        // Both requests cross on the wire.
+        let from_i = p.initiator.poll_transmit().unwrap();
+        let from_r = p.responder.poll_transmit().unwrap();
+        p.responder.handle(p.now, from_i);
+        p.initiator.handle(p.now, from_r);
+        p.pump();
+        let (ri, rr) = (rekeys(&p.i_events), rekeys(&p.r_events));
+        assert_eq!(ri.len(), 1, "seed {seed}: {:#?}", p.i_events);
+        assert_eq!(ri, rr);
+        assert_eq!(p.initiator.spis(), p.responder.spis());
+        assert_eq!(p.initiator.all_spis().len(), 1);
+        assert_eq!(p.responder.all_spis().len(), 1);
+        assert_eq!(
+            p.initiator.stats().ike_rekeys_failed + p.responder.stats().ike_rekeys_failed,
+            1
+        );
+        // The new SA works.
+        assert!(p.initiator.create_child(p.now, "net"));
+        p.pump();
+        let (ci, cr) = (
+            children_established(&p.i_events),
+            children_established(&p.r_events),
+        );
+        assert_keys_crossed(ci[1], cr[1]);
+        assert!(p.initiator.is_established() && p.responder.is_established());
+        assert_eq!(
+            p.initiator.stats().rejected_total() + p.responder.stats().rejected_total(),
+            0
+        );
+    }
+}
+
+// ------------------------------------------------------------------ cookies, rejections
+
+#[test]
+fn an_initiator_follows_the_cookie_jar_end_to_end() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    let mut jar = crate::ike::cookie::CookieJar::new(p.now, Box::new(TestRng(9)));
+    let first = p.initiator.poll_transmit().unwrap();
+    let answer = jar.check(p.now, &first).unwrap_err();
+    p.initiator.handle(p.now, answer);
+    let retry = p.initiator.poll_transmit().unwrap();
+    assert_eq!(jar.check(p.now, &retry), Ok(()));
+    p.responder.handle(p.now, retry);
+    p.pump();
+    assert!(p.initiator.is_established() && p.responder.is_established());
+    assert_keys_crossed(child(&p.i_events), child(&p.r_events));
+}
+
+#[test]
+fn every_rejected_datagram_is_an_event() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.pump();
+    p.responder.handle(
+        p.now,
+        Datagram {
+            src: addr(I_ADDR),
+            dst: addr(R_ADDR),
+            payload: vec![1, 2, 3],
+        },
+    );
+    p.drain_events();
+    match p.r_events.last() {
+        Some(IkeEvent::Rejected { reason, detail }) => {
+            assert_eq!(*reason, "truncated");
+            assert!(detail.contains("3 octets from 10.0.0.1:500"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.responder.stats().rejected_total(), 1);
 }
