@@ -1445,21 +1445,18 @@ impl IkeSa {
         let Some(suite) = agreed.ike().copied() else {
             return Err(reject("internal"));
         };
-        if suite.dh.id() != ke.group {
+        if suite.dh.iana_id() != ke.group {
             // The peer may retry with the group we want (RFC 7296 §1.3).
             self.answer_init_error(
                 dg,
                 &header,
-                NotifyPayload::invalid_ke(suite.dh.id()),
+                NotifyPayload::invalid_ke(suite.dh.iana_id()),
                 "invalid_ke_payload",
             );
             return Ok(());
         }
         let ni = ni.to_vec();
-        let Some(group) = dh::DhGroup::from_iana_id(suite.dh.id()) else {
-            return Err(reject("internal"));
-        };
-        let pair = KeyPair::generate(group, &mut *self.rng).map_err(|_| reject("internal"))?;
+        let pair = KeyPair::generate(suite.dh, &mut *self.rng).map_err(|_| reject("internal"))?;
         let Ok(shared) = pair.agree(&ke.data) else {
             self.answer_init_error(
                 dg,
@@ -1958,10 +1955,10 @@ impl IkeSa {
         let pfs_group = agreed.esp().and_then(|e| e.dh);
         let pfs = match (pfs_group, ke) {
             (None, _) => None,
-            (Some(g), Some(k)) if k.group == g.id() => Some(k),
+            (Some(g), Some(k)) if k.group == g.iana_id() => Some(k),
             (Some(g), _) => {
                 return Err((
-                    NotifyPayload::invalid_ke(g.id()),
+                    NotifyPayload::invalid_ke(g.iana_id()),
                     failure("invalid_ke_payload", "the KE group is not the agreed one"),
                 ))
             }
@@ -2126,9 +2123,9 @@ impl IkeSa {
         let Some(suite) = agreed.ike().copied() else {
             return Err(error(NotifyType::NO_PROPOSAL_CHOSEN, "internal", "not IKE"));
         };
-        if suite.dh.id() != ke.group {
+        if suite.dh.iana_id() != ke.group {
             return Err((
-                NotifyPayload::invalid_ke(suite.dh.id()),
+                NotifyPayload::invalid_ke(suite.dh.iana_id()),
                 failure("invalid_ke_payload", "the KE group is not the agreed one"),
             ));
         }
@@ -2213,10 +2210,7 @@ impl IkeSa {
             .map(|s| s.dh)
             .or_else(|| proposal::preferred_dh_group(&self.config.ike_proposals))
             .ok_or_else(|| failure("config", "no DH group"))?;
-        let dh_group = dh::DhGroup::from_iana_id(group.id())
-            .ok_or_else(|| failure("internal", "DH group without an implementation"))?;
-        let pair =
-            KeyPair::generate(dh_group, &mut *self.rng).map_err(|e| failure("internal", e))?;
+        let pair = KeyPair::generate(group, &mut *self.rng).map_err(|e| failure("internal", e))?;
         let mut ni = vec![0u8; OUR_NONCE_LEN];
         self.rng.fill_bytes(&mut ni);
         let new_spi = self.spis.ike_spi();
@@ -2225,12 +2219,12 @@ impl IkeSa {
                 &self.config.ike_proposals,
                 &new_spi.to_be_bytes(),
                 DhMode::Negotiate {
-                    ke_group: Some(group.id()),
+                    ke_group: Some(group.iana_id()),
                 },
             )),
             Payload::Nonce(ni.clone()),
             Payload::Ke(KePayload {
-                group: group.id(),
+                group: group.iana_id(),
                 data: pair.public_value().to_vec(),
             }),
         ];
@@ -2353,7 +2347,7 @@ impl IkeSa {
             .get(config)
             .ok_or_else(|| failure("config", "no such child"))?;
         let group = proposal::preferred_dh_group(&child_config.esp_proposals);
-        let dh = match group.and_then(|g| dh::DhGroup::from_iana_id(g.id())) {
+        let dh = match group {
             Some(g) => {
                 Some(KeyPair::generate(g, &mut *self.rng).map_err(|e| failure("internal", e))?)
             }
@@ -2384,7 +2378,7 @@ impl IkeSa {
             &child_config.esp_proposals,
             &new_inbound_spi.to_be_bytes(),
             DhMode::Negotiate {
-                ke_group: group.map(|g| g.id()),
+                ke_group: group.map(|g| g.iana_id()),
             },
         )));
         payloads.push(Payload::Nonce(ni.clone()));
@@ -2562,10 +2556,7 @@ impl IkeSa {
     // -------------------------------------------------------------- initiator
 
     fn send_init_request(&mut self, now: Instant, group: proposal::DhGroup) -> Result<(), Failure> {
-        let dh_group = dh::DhGroup::from_iana_id(group.id())
-            .ok_or_else(|| failure("internal", "DH group without an implementation"))?;
-        let pair =
-            KeyPair::generate(dh_group, &mut *self.rng).map_err(|e| failure("internal", e))?;
+        let pair = KeyPair::generate(group, &mut *self.rng).map_err(|e| failure("internal", e))?;
         let header = Header::request(ExchangeType::IKE_SA_INIT, self.cur.spi_i, 0, 0, true);
         let mut payloads = Vec::new();
         if let Some(cookie) = &self.init.cookie {
@@ -2575,11 +2566,11 @@ impl IkeSa {
             &self.config.ike_proposals,
             &[],
             DhMode::Negotiate {
-                ke_group: Some(group.id()),
+                ke_group: Some(group.iana_id()),
             },
         )));
         payloads.push(Payload::Ke(KePayload {
-            group: group.id(),
+            group: group.iana_id(),
             data: pair.public_value().to_vec(),
         }));
         payloads.push(Payload::Nonce(self.init.ni.clone()));
@@ -2708,7 +2699,7 @@ impl IkeSa {
     }
 
     fn retry_with_group(&mut self, now: Instant, group: u16) -> Handled {
-        let offered = proposal::DhGroup::from_id(group)
+        let offered = proposal::DhGroup::from_iana_id(group)
             .filter(|g| self.config.ike_proposals.iter().any(|p| p.dh.contains(g)));
         match offered {
             Some(g) if !self.init.ke_retried => {
@@ -2737,9 +2728,6 @@ impl IkeSa {
         self.init.cookie_rounds += 1;
         self.init.cookie = Some(cookie);
         let Some(group) = self.init.dh.as_ref().map(KeyPair::group) else {
-            return Err(reject("internal"));
-        };
-        let Some(group) = proposal::DhGroup::from_id(group.iana_id()) else {
             return Err(reject("internal"));
         };
         self.cur.pending = None;
@@ -2913,8 +2901,8 @@ impl IkeSa {
             .keys
             .as_ref()
             .ok_or_else(|| failure("internal", "no IKE keys"))?;
-        let lengths = ChildSaKeyLengths::for_esp(crypto_encryption(esp.encryption), None)
-            .map_err(|e| failure("internal", e))?;
+        let lengths =
+            ChildSaKeyLengths::for_esp(esp.encryption, None).map_err(|e| failure("internal", e))?;
         let child_keys = keys
             .child_sa_keys(keymat.shared, keymat.ni, keymat.nr, lengths)
             .map_err(|e| failure("internal", e))?;
@@ -3229,32 +3217,9 @@ fn detect_nat(
     peer_behind_nat || we_behind_nat
 }
 
-fn crypto_encryption(e: proposal::Encryption) -> crypto::Encryption {
-    match e {
-        proposal::Encryption::Aes128Cbc => crypto::Encryption::AesCbc128,
-        proposal::Encryption::Aes256Cbc => crypto::Encryption::AesCbc256,
-        proposal::Encryption::Aes128Gcm16 => crypto::Encryption::AesGcm16_128,
-        proposal::Encryption::Aes256Gcm16 => crypto::Encryption::AesGcm16_256,
-        proposal::Encryption::ChaCha20Poly1305 => crypto::Encryption::ChaCha20Poly1305,
-    }
-}
-
-fn crypto_integrity(i: proposal::Integrity) -> Option<crypto::Integrity> {
-    crypto::Integrity::from_iana_id(i.transform_id())
-}
-
-fn crypto_prf(p: proposal::Prf) -> Option<crypto::Prf> {
-    crypto::Prf::from_iana_id(p.transform_id())
-}
-
+/// The negotiated suite's transforms as the key schedule takes them.
 fn crypto_suite(suite: &proposal::IkeSuite) -> Result<crypto::IkeSuite, String> {
-    let integrity = match suite.integrity {
-        Some(i) => Some(crypto_integrity(i).ok_or("integrity without an implementation")?),
-        None => None,
-    };
-    let prf = crypto_prf(suite.prf).ok_or("PRF without an implementation")?;
-    crypto::IkeSuite::new(crypto_encryption(suite.encryption), integrity, prf)
-        .map_err(|e| e.to_string())
+    crypto::IkeSuite::new(suite.encryption, suite.integrity, suite.prf).map_err(|e| e.to_string())
 }
 
 fn derive_ike_keys(

@@ -847,7 +847,7 @@ fn a_child_rekey_with_pfs_is_answered_with_matching_keys() {
     let new_r_in = u32::from_be_bytes(agreed.peer_spi.as_slice().try_into().unwrap());
     let ke = reply.ke().unwrap();
     let shared = pair.agree(&ke.data).unwrap();
-    let lengths = ChildSaKeyLengths::for_esp(crypto::Encryption::AesGcm16_128, None).unwrap();
+    let lengths = ChildSaKeyLengths::for_esp(crypto::Encryption::Aes128Gcm16, None).unwrap();
     let expected = p
         .initiator
         .cur
