@@ -41,13 +41,15 @@
 //! IKE SA (new SPIs and keys, message IDs from 0, the same Child SAs) and
 //! keeps the old SA's keys, SPIs and message IDs until the old SA's Delete
 //! is done (sent by the rekey's initiator, answered by the responder) or
-//! given up. Simultaneous IKE rekeys (§2.8.2): the request with the lower
-//! nonce gives way before anything is created: its sender takes the
-//! peer's rekey, the peer answers it TEMPORARY_FAILURE. Two engines thus
-//! agree on one new IKE SA; a peer that resolves collisions only after
-//! both exchanges (strongSwan) may then hold a redundant new IKE SA of
-//! ours, which it deletes or lets expire. Simultaneous Child SA rekeys are
-//! not resolved: both new SAs stay (both work) and both old ones go.
+//! given up. Simultaneous IKE rekeys (§2.8.2, as strongSwan does them):
+//! both requests are answered, and once both exchanges are done the new SA
+//! created with the lowest of the four nonces loses: its creator deletes
+//! it, the other new SA stays and its creator deletes the old one. If the
+//! peer's exchange completes and it deletes the old SA before answering
+//! ours, its new SA stays and ours is dropped; a request to rekey an SA
+//! that was already rekeyed gets TEMPORARY_FAILURE (§2.25.2). Simultaneous
+//! Child SA rekeys are not resolved: both new SAs stay (both work) and both
+//! old ones go.
 //!
 //! Nothing a peer sends can make the engine panic: every datagram is checked
 //! by the message decoder, SK payloads are opened before their content is
@@ -591,9 +593,15 @@ struct IkeRekey {
     new_spi: u64,
     ni: Vec<u8>,
     dh: KeyPair,
-    /// We took the peer's simultaneous rekey instead (RFC 7296 §2.8.2):
-    /// the answer to ours is no longer wanted.
-    abandoned: bool,
+}
+
+/// The new IKE SA of the peer's rekey that we answered while ours was
+/// outstanding (RFC 7296 §2.8.2): which of the two stays is decided when
+/// ours is answered.
+struct PeerRekey {
+    generation: Generation,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
 }
 
 /// One IKE SA's SPIs, keys and message windows. After an IKE rekey the
@@ -631,7 +639,8 @@ impl Generation {
     }
 }
 
-/// The IKE SA replaced by a rekey, until its Delete is done.
+/// An IKE SA replaced by a rekey (or the loser of simultaneous rekeys),
+/// until its Delete is done.
 struct OldSa {
     generation: Generation,
     /// Dropped then even without a Delete.
@@ -685,8 +694,8 @@ pub struct IkeSa {
     spis: Box<dyn SpiAllocator>,
     /// The IKE SA in use.
     cur: Generation,
-    /// The IKE SA a rekey replaced, until its Delete is done.
-    old: Option<OldSa>,
+    /// IKE SAs a rekey replaced, until their Deletes are done.
+    olds: Vec<OldSa>,
     /// A datagram of the old IKE SA is being handled (`cur` and `old` are
     /// swapped meanwhile).
     on_old: bool,
@@ -700,6 +709,8 @@ pub struct IkeSa {
     child_exchange: Option<ChildExchange>,
     /// Our IKE SA rekey in flight.
     ike_rekey: Option<IkeRekey>,
+    /// The peer's IKE SA rekey answered while ours was in flight.
+    peer_rekey: Option<PeerRekey>,
     /// Responder: when the half-open SA is dropped without IKE_AUTH.
     half_open_deadline: Option<Instant>,
     children: Vec<ChildSa>,
@@ -791,7 +802,7 @@ impl IkeSa {
             rng,
             spis,
             cur: Generation::new(role),
-            old: None,
+            olds: Vec::new(),
             on_old: false,
             old_done: false,
             local,
@@ -800,6 +811,7 @@ impl IkeSa {
             init: InitExchange::default(),
             child_exchange: None,
             ike_rekey: None,
+            peer_rekey: None,
             half_open_deadline: None,
             children: Vec::new(),
             queue: VecDeque::new(),
@@ -824,9 +836,11 @@ impl IkeSa {
     /// after a rekey until its Delete is done, the old one.
     pub fn all_spis(&self) -> Vec<(u64, u64)> {
         let mut all = vec![self.spis()];
-        if let Some(old) = &self.old {
-            all.push((old.generation.spi_i, old.generation.spi_r));
-        }
+        all.extend(
+            self.olds
+                .iter()
+                .map(|o| (o.generation.spi_i, o.generation.spi_r)),
+        );
         all
     }
 
@@ -876,7 +890,7 @@ impl IkeSa {
             self.half_open_deadline
                 .filter(|_| self.state == State::AwaitAuth),
         ];
-        if let Some(old) = &self.old {
+        for old in &self.olds {
             deadlines.push(Some(old.deadline));
             deadlines.push(old.generation.pending.as_ref().map(|p| p.deadline));
         }
@@ -907,16 +921,15 @@ impl IkeSa {
             self.fail(failure("timeout", detail));
             return;
         }
-        if self.old.is_some() {
-            let expired = self.old.as_ref().is_some_and(|o| now >= o.deadline);
-            // The old SA's Delete going unanswered ends the old SA only.
+        for index in (0..self.olds.len()).rev() {
+            let expired = now >= self.olds[index].deadline;
+            // An old SA's Delete going unanswered ends that SA only.
             let gave_up = self
-                .with_old(|sa| sa.retransmit_due(now).is_err())
+                .with_old(index, |sa| sa.retransmit_due(now).is_err())
                 .unwrap_or(false);
-            if expired || gave_up {
-                if let Some(old) = self.old.take() {
-                    self.drop_old(old);
-                }
+            if (expired || gave_up) && index < self.olds.len() {
+                let old = self.olds.remove(index);
+                self.drop_old(old);
             }
         }
         if self.state == State::Established {
@@ -928,8 +941,8 @@ impl IkeSa {
     /// Handles one received IKE message.
     pub fn handle(&mut self, now: Instant, datagram: Datagram) {
         let was_awaiting_init = self.state == State::AwaitInit;
-        let result = if self.is_for_old(&datagram.payload) {
-            self.with_old(|sa| sa.dispatch(now, &datagram))
+        let result = if let Some(index) = self.old_index(&datagram.payload) {
+            self.with_old(index, |sa| sa.dispatch(now, &datagram))
                 .unwrap_or(Ok(()))
         } else {
             self.dispatch(now, &datagram)
@@ -1049,7 +1062,7 @@ impl IkeSa {
                 .child_exchange
                 .as_ref()
                 .is_some_and(|c| c.rekeys == Some(inbound_spi)),
-            Queued::RekeyIke => self.ike_rekey.as_ref().is_some_and(|r| !r.abandoned),
+            Queued::RekeyIke => self.ike_rekey.is_some(),
             Queued::DeleteChild { inbound_spi } => self
                 .cur
                 .pending
@@ -1085,7 +1098,7 @@ impl IkeSa {
                 Queued::CreateChild { .. } | Queued::RekeyChild { .. } => {
                     self.child_exchange.is_some()
                 }
-                Queued::RekeyIke => self.old.is_some() || self.ike_rekey.is_some(),
+                Queued::RekeyIke => !self.olds.is_empty() || self.ike_rekey.is_some(),
                 _ => false,
             };
             if wait {
@@ -1237,23 +1250,23 @@ impl IkeSa {
         Ok(())
     }
 
-    /// Whether a datagram names the old IKE SA's SPIs.
-    fn is_for_old(&self, payload: &[u8]) -> bool {
-        let (Some(old), Some(spi_i), Some(spi_r)) = (
-            self.old.as_ref(),
-            payload.get(0..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
-            payload.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()),
-        ) else {
-            return false;
-        };
-        (u64::from_be_bytes(spi_i), u64::from_be_bytes(spi_r))
-            == (old.generation.spi_i, old.generation.spi_r)
+    /// Which old IKE SA a datagram names by its SPIs, if any.
+    fn old_index(&self, payload: &[u8]) -> Option<usize> {
+        let spi_i = u64::from_be_bytes(payload.get(0..8)?.try_into().ok()?);
+        let spi_r = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
+        self.olds
+            .iter()
+            .position(|o| (o.generation.spi_i, o.generation.spi_r) == (spi_i, spi_r))
     }
 
-    /// Runs `f` with the old IKE SA's generation in `cur` (the handlers then
-    /// work on it unchanged); drops the old SA afterwards if `f` finished it.
-    fn with_old<T>(&mut self, f: impl FnOnce(&mut IkeSa) -> T) -> Option<T> {
-        let mut old = self.old.take()?;
+    /// Runs `f` with old IKE SA `index`'s generation in `cur` (the handlers
+    /// then work on it unchanged); drops that SA afterwards if `f` finished
+    /// it.
+    fn with_old<T>(&mut self, index: usize, f: impl FnOnce(&mut IkeSa) -> T) -> Option<T> {
+        if index >= self.olds.len() {
+            return None;
+        }
+        let mut old = self.olds.remove(index);
         std::mem::swap(&mut self.cur, &mut old.generation);
         self.on_old = true;
         let result = f(self);
@@ -1262,7 +1275,8 @@ impl IkeSa {
         if std::mem::take(&mut self.old_done) {
             self.drop_old(old);
         } else {
-            self.old = Some(old);
+            let at = index.min(self.olds.len());
+            self.olds.insert(at, old);
         }
         Some(result)
     }
@@ -1275,7 +1289,10 @@ impl IkeSa {
                     self.child_failed(exchange.config, "ike_rekeyed");
                 }
             }
-            Some(RequestKind::RekeyIke) => self.ike_rekey = None,
+            Some(RequestKind::RekeyIke) => {
+                self.ike_rekey = None;
+                self.stats.ike_rekeys_failed += 1;
+            }
             _ => {}
         }
     }
@@ -1341,7 +1358,7 @@ impl IkeSa {
         match (self.state, header.exchange) {
             (State::AwaitAuth, ExchangeType::IKE_AUTH) => self.handle_auth_request(now, dg, view),
             (State::Established, ExchangeType::INFORMATIONAL) => {
-                self.handle_informational_request(dg, view)
+                self.handle_informational_request(now, dg, view)
             }
             (State::Established, ExchangeType::CREATE_CHILD_SA) => {
                 self.handle_create_child_request(now, dg, view)
@@ -1758,7 +1775,12 @@ impl IkeSa {
 
     /// INFORMATIONAL request: liveness check (empty), Delete of the IKE SA or
     /// of Child SAs (RFC 7296 §1.4.1).
-    fn handle_informational_request(&mut self, dg: &Datagram, view: &MessageView<'_>) -> Handled {
+    fn handle_informational_request(
+        &mut self,
+        now: Instant,
+        dg: &Datagram,
+        view: &MessageView<'_>,
+    ) -> Handled {
         let header = view.header();
         let (first, plaintext) = self.open(view)?;
         let payloads = match decode_payload_chain(first, &plaintext) {
@@ -1809,8 +1831,22 @@ impl IkeSa {
         }
         if delete_ike {
             if self.on_old {
-                // The old IKE SA after a rekey: only it goes.
+                // An old IKE SA after a rekey: only it goes.
                 self.old_done = true;
+            } else if let Some(theirs) = self.peer_rekey.take() {
+                // Simultaneous rekeys: the peer finished its own and deleted
+                // this SA before answering ours; its new SA stays.
+                self.switch_to(now, theirs.generation, OLD_IKE_SA_WAIT);
+                // It stays only for the answer to our rekey, still due.
+                if self
+                    .olds
+                    .last()
+                    .is_some_and(|o| o.generation.pending.is_none())
+                {
+                    if let Some(old) = self.olds.pop() {
+                        self.drop_old(old);
+                    }
+                }
             } else {
                 self.close_deleted();
             }
@@ -2034,11 +2070,9 @@ impl IkeSa {
     /// A CREATE_CHILD_SA request rekeying the IKE SA (RFC 7296 §1.3.2):
     /// answered with our new SPI, Nr and KEr, and this object then
     /// continues as the new IKE SA while the old one waits for the peer's
-    /// Delete. While our own IKE rekey is outstanding (RFC 7296 §2.8.2), the
-    /// rekey with the lower Ni gives way: if ours has it, we take the
-    /// peer's and forget ours; if the peer's has it, we refuse with
-    /// TEMPORARY_FAILURE, which the peer treats alike (both engines agree
-    /// on one new IKE SA).
+    /// Delete. While our own IKE rekey is outstanding (simultaneous rekeys,
+    /// RFC 7296 §2.8.2) the new SA waits in `peer_rekey` until ours is
+    /// answered, and then the lowest of the four nonces decides.
     fn handle_ike_rekey_request(
         &mut self,
         now: Instant,
@@ -2057,12 +2091,10 @@ impl IkeSa {
             .seal(header.response(), &reply)
             .map_err(|_| reject("internal"))?;
         self.respond(dg, header.message_id, response);
-        if let Some(new) = new {
-            if let Some(ours) = self.ike_rekey.as_mut() {
-                ours.abandoned = true;
-                self.stats.ike_rekeys_failed += 1;
-            }
-            self.switch_to(now, new, OLD_IKE_SA_WAIT);
+        match new {
+            Some(new) if self.ike_rekey.is_some() => self.peer_rekey = Some(new),
+            Some(new) => self.switch_to(now, new.generation, OLD_IKE_SA_WAIT),
+            None => {}
         }
         Ok(())
     }
@@ -2072,11 +2104,13 @@ impl IkeSa {
     fn accept_ike_rekey(
         &mut self,
         payloads: &[Payload],
-    ) -> Result<(Vec<Payload>, Generation), (NotifyPayload, Failure)> {
+    ) -> Result<(Vec<Payload>, PeerRekey), (NotifyPayload, Failure)> {
         let error = |t: NotifyType, reason: &'static str, detail: &str| {
             (NotifyPayload::new(t, vec![]), failure(reason, detail))
         };
-        if self.on_old || self.old.is_some() {
+        // An old SA (already rekeyed) is not rekeyed again (RFC 7296
+        // §2.25.2); nor is the current one before the last rekey is done.
+        if self.on_old || !self.olds.is_empty() || self.peer_rekey.is_some() {
             return Err(error(
                 NotifyType::TEMPORARY_FAILURE,
                 "temporary_failure",
@@ -2097,15 +2131,6 @@ impl IkeSa {
                 "bad_nonce",
                 "nonce length",
             ));
-        }
-        if let Some(ours) = self.ike_rekey.as_ref().filter(|r| !r.abandoned) {
-            if ours.ni.as_slice() > ni {
-                return Err(error(
-                    NotifyType::TEMPORARY_FAILURE,
-                    "temporary_failure",
-                    "simultaneous IKE rekey: ours has the higher nonce",
-                ));
-            }
         }
         let agreed = select(
             &self.config.ike_proposals,
@@ -2149,7 +2174,7 @@ impl IkeSa {
             .map_err(|e| error(NotifyType::NO_PROPOSAL_CHOSEN, "internal", &e))?;
         let reply = vec![
             Payload::Sa(agreed.reply(our_spi.to_be_bytes().to_vec())),
-            Payload::Nonce(nr),
+            Payload::Nonce(nr.clone()),
             Payload::Ke(KePayload {
                 group: ke.group,
                 data: pair.public_value().to_vec(),
@@ -2160,7 +2185,14 @@ impl IkeSa {
         new.spi_r = our_spi;
         new.suite = Some(suite);
         new.keys = Some(keys);
-        Ok((reply, new))
+        Ok((
+            reply,
+            PeerRekey {
+                generation: new,
+                ni: ni.to_vec(),
+                nr,
+            },
+        ))
     }
 
     /// The keys of the IKE SA that replaces the current one (RFC 7296
@@ -2186,12 +2218,12 @@ impl IkeSa {
         .map_err(|e| e.to_string())
     }
 
-    /// Puts the new IKE SA in use; the current one becomes the old one,
+    /// Puts the new IKE SA in use; the current one becomes an old one,
     /// kept at most `wait` for its Delete.
     fn switch_to(&mut self, now: Instant, new: Generation, wait: Duration) {
         let old = std::mem::replace(&mut self.cur, new);
         let old_spis = (old.spi_i, old.spi_r);
-        self.old = Some(OldSa {
+        self.olds.push(OldSa {
             generation: old,
             deadline: later(now, wait),
         });
@@ -2236,14 +2268,16 @@ impl IkeSa {
             new_spi,
             ni,
             dh: pair,
-            abandoned: false,
         });
         self.send_request(now, RequestKind::RekeyIke, bytes);
         Ok(())
     }
 
     /// The answer to our IKE rekey: switch to the new IKE SA and delete the
-    /// old one; or, refused, try again later.
+    /// old one; or, refused, try again later. If we also answered a rekey
+    /// of the peer meanwhile (RFC 7296 §2.8.2), the new SA created with the
+    /// lowest of the four nonces loses and its creator deletes it; a
+    /// refusal of ours leaves the peer's.
     fn handle_ike_rekey_response(&mut self, now: Instant, view: &MessageView<'_>) -> Handled {
         let (first, plaintext) = self.open(view)?;
         let payloads = decode_payload_chain(first, &plaintext).map_err(|e| reject(e.reason()))?;
@@ -2251,33 +2285,75 @@ impl IkeSa {
         let Some(rekey) = self.ike_rekey.take() else {
             return Err(reject("internal"));
         };
-        if rekey.abandoned {
-            // We took the peer's rekey; the peer refuses ours in turn.
+        if self.on_old {
+            // The peer deleted this SA after its own simultaneous rekey,
+            // whose new SA we took: ours is moot, and this SA is done.
+            self.stats.ike_rekeys_failed += 1;
+            self.old_done = true;
             return Ok(());
         }
-        match self.ike_from_rekey_response(&payloads, &rekey) {
-            Ok(new) => {
-                self.switch_to(now, new, OLD_IKE_SA_WAIT);
+        let theirs = self.peer_rekey.take();
+        let ours = match self.ike_from_rekey_response(&payloads, &rekey) {
+            Ok(ours) => ours,
+            Err(_) => {
+                self.ike_rekey_failed(now);
+                if let Some(theirs) = theirs {
+                    self.switch_to(now, theirs.generation, OLD_IKE_SA_WAIT);
+                }
+                return Ok(());
+            }
+        };
+        let (ours, nr) = ours;
+        let ours_lose = theirs.as_ref().is_some_and(|t| {
+            let lowest_ours = rekey.ni.as_slice().min(nr.as_slice());
+            let lowest_theirs = t.ni.as_slice().min(t.nr.as_slice());
+            lowest_ours < lowest_theirs
+        });
+        match theirs {
+            Some(theirs) if ours_lose => {
+                self.stats.ike_rekeys_failed += 1;
+                // The peer deletes the old SA; we delete ours, which lost.
+                self.switch_to(now, theirs.generation, OLD_IKE_SA_WAIT);
+                self.olds.push(OldSa {
+                    generation: ours,
+                    deadline: later(now, OLD_IKE_SA_WAIT),
+                });
+                self.delete_old(now, self.olds.len() - 1);
+            }
+            theirs => {
+                self.switch_to(now, ours, OLD_IKE_SA_WAIT);
                 // RFC 7296 §2.18: the rekey's initiator deletes the old SA,
                 // under the old keys.
-                self.with_old(|sa| {
-                    sa.send_informational(
-                        now,
-                        RequestKind::DeleteIke,
-                        vec![Payload::Delete(DeletePayload::ike())],
-                    )
-                });
+                self.delete_old(now, self.olds.len() - 1);
+                // The peer's new SA lost: the peer deletes it.
+                if let Some(theirs) = theirs {
+                    self.olds.push(OldSa {
+                        generation: theirs.generation,
+                        deadline: later(now, OLD_IKE_SA_WAIT),
+                    });
+                }
             }
-            Err(_) => self.ike_rekey_failed(now),
         }
         Ok(())
     }
 
+    /// Sends the Delete of old IKE SA `index`, under its keys.
+    fn delete_old(&mut self, now: Instant, index: usize) {
+        self.with_old(index, |sa| {
+            sa.send_informational(
+                now,
+                RequestKind::DeleteIke,
+                vec![Payload::Delete(DeletePayload::ike())],
+            )
+        });
+    }
+
+    /// The new IKE SA our rekey made, and the peer's nonce.
     fn ike_from_rekey_response(
         &self,
         payloads: &[Payload],
         rekey: &IkeRekey,
-    ) -> Result<Generation, Failure> {
+    ) -> Result<(Generation, Vec<u8>), Failure> {
         if let Some(error) = payloads.notifies().find(|n| n.notify_type.is_error()) {
             return Err(failure(notify_reason(error.notify_type), error.notify_type));
         }
@@ -2325,7 +2401,7 @@ impl IkeSa {
         new.spi_r = peer_spi;
         new.suite = Some(suite);
         new.keys = Some(keys);
-        Ok(new)
+        Ok((new, nr.to_vec()))
     }
 
     fn ike_rekey_failed(&mut self, now: Instant) {
@@ -3159,7 +3235,8 @@ impl IkeSa {
     fn close(&mut self) {
         self.state = State::Closed;
         self.cur.pending = None;
-        self.old = None;
+        self.olds.clear();
+        self.peer_rekey = None;
         self.queue.clear();
         self.child_exchange = None;
         self.ike_rekey = None;

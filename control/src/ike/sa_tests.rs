@@ -1788,7 +1788,7 @@ fn the_ike_sa_is_rekeyed_from_either_side_and_keeps_working() {
         // The old SA's Delete is done: only the new SPIs remain.
         assert_eq!(p.initiator.all_spis(), vec![new]);
         assert_eq!(p.responder.all_spis(), vec![new]);
-        assert!(p.initiator.old.is_none() && p.responder.old.is_none());
+        assert!(p.initiator.olds.is_empty() && p.responder.olds.is_empty());
         assert_eq!(p.initiator.cur.our_next_id + p.responder.cur.our_next_id, 0);
         // Child SAs are created and rekeyed under the new SA.
         let first = child(&p.i_events).inbound_spi;
@@ -1879,30 +1879,49 @@ fn an_old_ike_sa_without_a_delete_is_dropped_after_a_while() {
     assert_eq!(p.initiator.poll_timeout(), None);
 }
 
-#[test]
-fn simultaneous_ike_rekeys_end_in_one_new_ike_sa() {
-    for seed in 0..6u64 {
-        let mut p = Pair::new(initiator_config(), responder_config());
-        p.initiator.rng = Box::new(TestRng(100 + seed));
-        p.pump();
-        assert!(p.initiator.rekey_ike(p.now));
-        assert!(p.responder.rekey_ike(p.now));
-        // Both requests cross on the wire.
-        let from_i = p.initiator.poll_transmit().unwrap();
-        let from_r = p.responder.poll_transmit().unwrap();
+/// Both ends rekey the IKE SA at once; `cross` delivers both requests
+/// before either response, else the initiator's exchange completes before
+/// the responder's request arrives. Returns the pair when quiet.
+fn simultaneous_rekeys(seed: u64, cross: bool) -> Pair {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.initiator.rng = Box::new(TestRng(100 + seed));
+    p.pump();
+    assert!(p.initiator.rekey_ike(p.now));
+    assert!(p.responder.rekey_ike(p.now));
+    let from_i = p.initiator.poll_transmit().unwrap();
+    let from_r = p.responder.poll_transmit().unwrap();
+    if cross {
         p.responder.handle(p.now, from_i);
         p.initiator.handle(p.now, from_r);
-        p.pump();
+    } else {
+        p.responder.handle(p.now, from_i);
+        let answer = p.responder.poll_transmit().unwrap();
+        p.initiator.handle(p.now, answer);
+        p.initiator.handle(p.now, from_r);
+    }
+    p.pump();
+    p
+}
+
+#[test]
+fn simultaneous_ike_rekeys_end_in_one_new_ike_sa() {
+    let mut outcomes = std::collections::BTreeSet::new();
+    for (seed, cross) in (0..8u64).flat_map(|s| [(s, true), (s, false)]) {
+        let mut p = simultaneous_rekeys(seed, cross);
         let (ri, rr) = (rekeys(&p.i_events), rekeys(&p.r_events));
-        assert_eq!(ri.len(), 1, "seed {seed}: {:#?}", p.i_events);
-        assert_eq!(ri, rr);
+        assert_eq!(ri.len(), 1, "seed {seed} {cross}: {:#?}", p.i_events);
+        assert_eq!(rr.len(), 1, "seed {seed} {cross}: {:#?}", p.r_events);
         assert_eq!(p.initiator.spis(), p.responder.spis());
-        assert_eq!(p.initiator.all_spis().len(), 1);
-        assert_eq!(p.responder.all_spis().len(), 1);
+        assert_eq!(ri[0].1, p.initiator.spis());
+        // The loser and the old SA are deleted on both sides.
+        assert_eq!(p.initiator.all_spis().len(), 1, "seed {seed} {cross}");
+        assert_eq!(p.responder.all_spis().len(), 1, "seed {seed} {cross}");
         assert_eq!(
             p.initiator.stats().ike_rekeys_failed + p.responder.stats().ike_rekeys_failed,
             1
         );
+        // Whose rekey won: the initiator's SPI comes first in the new pair.
+        outcomes.insert((cross, p.initiator.spis().0 & 0xf000 == 0x1000));
         // The new SA works.
         assert!(p.initiator.create_child(p.now, "net"));
         p.pump();
@@ -1916,7 +1935,10 @@ fn simultaneous_ike_rekeys_end_in_one_new_ike_sa() {
             p.initiator.stats().rejected_total() + p.responder.stats().rejected_total(),
             0
         );
+        assert_eq!(p.initiator.poll_timeout(), None);
     }
+    // Crossing requests: each side's rekey won for some seed.
+    assert!(outcomes.contains(&(true, true)) && outcomes.contains(&(true, false)));
 }
 
 // ------------------------------------------------------------------ cookies, rejections
