@@ -72,7 +72,7 @@ use crate::ike::message::{
     ExchangeType, Header, IdPayload, IdType, KePayload, Message, MessageView, NotifyPayload,
     NotifyType, Payload, PayloadType, PayloadsExt, ProtocolId, TrafficSelector, TsPayload, TsRange,
 };
-use crate::ike::proposal::{self, accept_reply, offer, select, DhMode, Proposal};
+use crate::ike::proposal::{self, accept_reply, offer, select, DhGroup, DhMode, Proposal};
 
 /// Nonce length we send (RFC 7296 §2.10: at least half the PRF's key size,
 /// at least 128 bits; 32 octets covers every PRF bitw offers).
@@ -586,6 +586,8 @@ struct ChildExchange {
     /// With PFS: our DH pair.
     dh: Option<KeyPair>,
     mode: ChildMode,
+    /// Sent again with the group an INVALID_KE_PAYLOAD asked for.
+    ke_retried: bool,
 }
 
 /// Our CREATE_CHILD_SA request rekeying the IKE SA, until answered.
@@ -593,6 +595,8 @@ struct IkeRekey {
     new_spi: u64,
     ni: Vec<u8>,
     dh: KeyPair,
+    /// Sent again with the group an INVALID_KE_PAYLOAD asked for.
+    ke_retried: bool,
 }
 
 /// The new IKE SA of the peer's rekey that we answered while ours was
@@ -1112,7 +1116,7 @@ impl IkeSa {
     fn start(&mut self, now: Instant, q: Queued) {
         match q {
             Queued::CreateChild { config } => {
-                if let Err(f) = self.send_create_child(now, config, None) {
+                if let Err(f) = self.send_create_child(now, config, None, None) {
                     self.child_failed(config, f.reason);
                 }
             }
@@ -1125,12 +1129,12 @@ impl IkeSa {
                 else {
                     return;
                 };
-                if let Err(f) = self.send_create_child(now, old.config, Some(&old)) {
+                if let Err(f) = self.send_create_child(now, old.config, Some(&old), None) {
                     self.child_failed(old.config, f.reason);
                 }
             }
             Queued::RekeyIke => {
-                if self.send_ike_rekey(now).is_err() {
+                if self.send_ike_rekey(now, None).is_err() {
                     self.ike_rekey_failed(now);
                 }
             }
@@ -2234,12 +2238,15 @@ impl IkeSa {
         self.arm_ike_timers(now);
     }
 
-    /// Sends our CREATE_CHILD_SA request rekeying the IKE SA.
-    fn send_ike_rekey(&mut self, now: Instant) -> Result<(), Failure> {
-        let group = self
-            .cur
-            .suite
-            .map(|s| s.dh)
+    /// Sends our CREATE_CHILD_SA request rekeying the IKE SA, with a KE of
+    /// the current group or of `retry_group` (INVALID_KE_PAYLOAD's).
+    fn send_ike_rekey(
+        &mut self,
+        now: Instant,
+        retry_group: Option<DhGroup>,
+    ) -> Result<(), Failure> {
+        let group = retry_group
+            .or(self.cur.suite.map(|s| s.dh))
             .or_else(|| proposal::preferred_dh_group(&self.config.ike_proposals))
             .ok_or_else(|| failure("config", "no DH group"))?;
         let pair = KeyPair::generate(group, &mut *self.rng).map_err(|e| failure("internal", e))?;
@@ -2268,6 +2275,7 @@ impl IkeSa {
             new_spi,
             ni,
             dh: pair,
+            ke_retried: retry_group.is_some(),
         });
         self.send_request(now, RequestKind::RekeyIke, bytes);
         Ok(())
@@ -2291,6 +2299,17 @@ impl IkeSa {
             self.stats.ike_rekeys_failed += 1;
             self.old_done = true;
             return Ok(());
+        }
+        if self.peer_rekey.is_none() {
+            let wanted = wanted_group(&payloads, rekey.dh.group(), rekey.ke_retried)
+                .filter(|g| self.config.ike_proposals.iter().any(|p| p.dh.contains(g)));
+            if let Some(group) = wanted {
+                // RFC 7296 §1.3: the same request again with the wanted group.
+                if self.send_ike_rekey(now, Some(group)).is_err() {
+                    self.ike_rekey_failed(now);
+                }
+                return Ok(());
+            }
         }
         let theirs = self.peer_rekey.take();
         let ours = match self.ike_from_rekey_response(&payloads, &rekey) {
@@ -2411,18 +2430,21 @@ impl IkeSa {
 
     /// Sends our CREATE_CHILD_SA request for a new Child SA of child config
     /// `config`, or rekeying `old`.
+    /// `retry_group`: the PFS group an INVALID_KE_PAYLOAD asked for.
     fn send_create_child(
         &mut self,
         now: Instant,
         config: usize,
         old: Option<&ChildSa>,
+        retry_group: Option<DhGroup>,
     ) -> Result<(), Failure> {
         let child_config = self
             .config
             .children
             .get(config)
             .ok_or_else(|| failure("config", "no such child"))?;
-        let group = proposal::preferred_dh_group(&child_config.esp_proposals);
+        let group =
+            retry_group.or_else(|| proposal::preferred_dh_group(&child_config.esp_proposals));
         let dh = match group {
             Some(g) => {
                 Some(KeyPair::generate(g, &mut *self.rng).map_err(|e| failure("internal", e))?)
@@ -2477,6 +2499,7 @@ impl IkeSa {
             ni,
             dh,
             mode,
+            ke_retried: retry_group.is_some(),
         });
         self.send_request(now, RequestKind::CreateChild, bytes);
         Ok(())
@@ -2542,6 +2565,32 @@ impl IkeSa {
         let Some(exchange) = self.child_exchange.take() else {
             return Err(reject("internal"));
         };
+        let wanted = exchange
+            .dh
+            .as_ref()
+            .and_then(|pair| wanted_group(&payloads, pair.group(), exchange.ke_retried))
+            .filter(|g| {
+                self.config
+                    .children
+                    .get(exchange.config)
+                    .is_some_and(|c| c.esp_proposals.iter().any(|p| p.dh.contains(g)))
+            });
+        if let Some(group) = wanted {
+            // RFC 7296 §1.3: the same request again with the wanted group.
+            let old = exchange
+                .rekeys
+                .and_then(|spi| self.children.iter().find(|c| c.inbound_spi == spi))
+                .cloned();
+            if exchange.rekeys.is_none() || old.is_some() {
+                match self.send_create_child(now, exchange.config, old.as_ref(), Some(group)) {
+                    Ok(()) => return Ok(()),
+                    Err(f) => {
+                        self.child_failed(exchange.config, f.reason);
+                        return Ok(());
+                    }
+                }
+            }
+        }
         match self.child_from_create_response(&payloads, &exchange) {
             Ok(child) => {
                 self.install_child(now, exchange.config, child);
@@ -3249,6 +3298,16 @@ impl IkeSa {
 /// panics, unlike `Instant + Duration`).
 fn later(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or(now)
+}
+
+/// The group an INVALID_KE_PAYLOAD answer asks for, if it is another than
+/// `sent` and we have not retried yet.
+fn wanted_group(payloads: &[Payload], sent: DhGroup, retried: bool) -> Option<DhGroup> {
+    payloads
+        .notifies()
+        .find_map(NotifyPayload::invalid_ke_group)
+        .and_then(DhGroup::from_iana_id)
+        .filter(|g| *g != sent && !retried)
 }
 
 /// The counter reason of an error notify a peer sent.

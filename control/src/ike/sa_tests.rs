@@ -1980,3 +1980,44 @@ fn every_rejected_datagram_is_an_event() {
     }
     assert_eq!(p.responder.stats().rejected_total(), 1);
 }
+
+#[test]
+fn invalid_ke_payload_in_create_child_sa_is_followed_once() {
+    let mut i = initiator_config();
+    let mut r = responder_config();
+    i.children[0].esp_proposals =
+        parse_proposals(Protocol::Esp, "aes128gcm16-x25519-ecp256").unwrap();
+    r.children[0].esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-ecp256").unwrap();
+    let mut p = Pair::new(i, r);
+    p.pump();
+    assert!(p.initiator.create_child(p.now, "net"));
+    p.pump();
+    let (ci, cr) = (
+        children_established(&p.i_events),
+        children_established(&p.r_events),
+    );
+    assert_eq!((ci.len(), cr.len()), (2, 2));
+    assert_keys_crossed(ci[1], cr[1]);
+    assert_eq!(
+        p.responder.stats().errors_sent.get("invalid_ke_payload"),
+        Some(&1)
+    );
+    // The IKE SA rekey likewise, when the responder now wants ecp256.
+    p.responder.config.ike_proposals =
+        parse_proposals(Protocol::Ike, "aes128gcm16-prfsha256-ecp256").unwrap();
+    p.initiator.config.ike_proposals =
+        parse_proposals(Protocol::Ike, "aes128gcm16-prfsha256-x25519-ecp256").unwrap();
+    assert!(p.initiator.rekey_ike(p.now));
+    p.pump();
+    assert_eq!(rekeys(&p.i_events).len(), 1);
+    assert_eq!(rekeys(&p.i_events), rekeys(&p.r_events));
+    assert_eq!(
+        p.responder.stats().errors_sent.get("invalid_ke_payload"),
+        Some(&2)
+    );
+    assert_eq!(p.initiator.cur.suite.unwrap().dh, DhGroup::Ecp256);
+    assert_eq!(p.initiator.stats().ike_rekeys_failed, 0);
+    assert!(p.initiator.send_liveness_check(p.now));
+    p.pump();
+    assert_eq!(p.initiator.poll_timeout(), None);
+}
