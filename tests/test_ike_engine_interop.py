@@ -19,6 +19,9 @@ host-to-host selectors), through the harness's bridge topology
     signs with RFC 7427 and checks charon's certificate, ID and signature;
     a certificate from a CA the engine does not trust fails cleanly, whoever
     initiates.
+  * the IKE SA is rekeyed by charon (`swanctl --rekey --ike`) and by the
+    engine: both end on the same new SPIs with one IKE SA, and a Child SA
+    rekey and a liveness check under the new IKE SA work afterwards.
 
 The handshake time on the wire (IKE_SA_INIT request to IKE_AUTH response, on
 the counterpart's veth) is printed, not asserted.
@@ -27,6 +30,7 @@ Needs root and strongSwan (scripts/setup-debian.sh); fails loudly without.
 """
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -66,9 +70,10 @@ class Peer:
     """ike_peer running in the terminal namespace."""
 
     def __init__(self, topo, workdir, role, family=4, psk=PSK, linger=0.5, timeout=8,
-                 cert=None, cas=(), local_id=None, remote_id=None):
+                 cert=None, cas=(), local_id=None, remote_id=None, extra=()):
         """cert (a bitw_swan Cert) and cas (CA certificate paths): certificates
-        instead of the PSK. Ids in ike_peer's syntax; default: the addresses."""
+        instead of the PSK. Ids in ike_peer's syntax; default: the addresses.
+        extra: more ike_peer arguments."""
         t, c = topo.terminal, topo.counterpart
         self.local, self.remote = t.addr(family), c.addr(family)
         plen = 32 if family == 4 else 128
@@ -85,7 +90,7 @@ class Peer:
                     *auth,
                     "--ike-proposals", PROPOSALS, "--esp-proposals", ESP_PROPOSALS,
                     "--local-ts", f"{self.local}/{plen}", "--remote-ts", f"{self.remote}/{plen}",
-                    "--timeout", str(timeout), "--linger", str(linger)]
+                    "--timeout", str(timeout), "--linger", str(linger), *extra]
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         first = self.proc.stdout.readline()
@@ -408,6 +413,59 @@ def test_certificates_untrusted_ca_engine_initiates(topo, tmp_path):
         cp.stop()
 
 
+def check_rekeyed(peer, cp):
+    """One IKE rekey on both sides, the old IKE SA gone, and the Child SA
+    rekeyed under the new IKE SA with the keys charon derived."""
+    assert not peer.of("failed") and not peer.of("rejected"), peer.describe()
+    ikes, rekeys = peer.of("ike_sa_established"), peer.of("ike_sa_rekeyed")
+    assert len(ikes) == 1 and len(rekeys) == 1, peer.describe()
+    old, new = rekeys[0], (rekeys[0]["spi_i"], rekeys[0]["spi_r"])
+    assert (old["old_spi_i"], old["old_spi_r"]) == (ikes[0]["spi_i"], ikes[0]["spi_r"])
+    actions = peer.of("action")
+    assert len(actions) >= 2 and all(a["ok"] for a in actions), peer.describe()
+    sas = cp.list_sas()
+    assert len(sas) == 1 and sas[0]["state"] == "ESTABLISHED", sas
+    assert (sas[0]["initiator-spi"], sas[0]["responder-spi"]) == new, (sas, rekeys)
+    # the Child SA rekeyed under the new IKE SA: charon's installed one is ours
+    kids = peer.of("child_sa_established")
+    assert len(kids) == 2, peer.describe()
+    installed = [c for c in sas[0]["child-sas"] if c["state"] == "INSTALLED"]
+    assert len(installed) == 1, sas
+    assert (installed[0]["spi-in"], installed[0]["spi-out"]) == \
+        (kids[1]["outbound_spi"], kids[1]["inbound_spi"]), (installed, kids)
+    ck = cp.negotiated_keys().child("c1")
+    assert ck.inbound.encr_key.hex() == kids[1]["outbound_key"], "new child: keys differ"
+    assert ck.outbound.encr_key.hex() == kids[1]["inbound_key"], "new child: keys differ"
+    # the old Child SA went with the engine's Delete after its rekey
+    deleted = peer.of("child_sa_deleted")
+    assert [d["inbound_spi"] for d in deleted] == [kids[0]["inbound_spi"]], peer.describe()
+
+
+@pytest.mark.parametrize("engine_role", ["initiator", "responder"])
+def test_charon_rekeys_the_ike_sa(topo, tmp_path, engine_role):
+    """`swanctl --rekey --ike` against the engine; then the engine rekeys the
+    Child SA and checks liveness under the new IKE SA."""
+    cp = counterpart_charon(topo, tmp_path, 4)
+    peer = None
+    try:
+        peer = Peer(topo, tmp_path, engine_role, 4, linger=3.5,
+                    extra=["--rekey-child-at", "1.5", "--liveness-at", "2.5"])
+        if engine_role == "responder":
+            cp.initiate("c1", timeout=5)
+        cp.wait_established("c1", timeout=3)
+        cp.rekey(ike="h2h")
+        rc = peer.wait(timeout=10)
+        assert rc == 0, f"ike_peer exited {rc}\n{peer.describe()}\n{cp.describe()}"
+        check_rekeyed(peer, cp)
+        # the liveness check under the new IKE SA was answered
+        assert re.search(r"parsed INFORMATIONAL request \d+ \[ \]", cp.log_text()), \
+            cp.describe()
+    finally:
+        if peer:
+            peer.stop()
+        cp.stop()
+
+
 def test_certificates_untrusted_ca_charon_initiates(topo, tmp_path):
     case = CertCase(topo, tmp_path, "rsa", "fqdn")
     cp = case.charon(topo, tmp_path)
@@ -423,4 +481,28 @@ def test_certificates_untrusted_ca_charon_initiates(topo, tmp_path):
         assert cp.list_sas() == []
     finally:
         peer.stop()
+        cp.stop()
+
+
+@pytest.mark.parametrize("engine_role", ["initiator", "responder"])
+def test_engine_rekeys_the_ike_sa(topo, tmp_path, engine_role):
+    """The engine's IKE rekey (CREATE_CHILD_SA, then Delete of the old SA)
+    accepted by charon; then a Child SA rekey and a liveness check under the
+    new IKE SA."""
+    cp = counterpart_charon(topo, tmp_path, 4)
+    peer = None
+    try:
+        peer = Peer(topo, tmp_path, engine_role, 4, linger=3.5,
+                    extra=["--rekey-ike-at", "0.5", "--rekey-child-at", "1.5",
+                           "--liveness-at", "2.5"])
+        if engine_role == "responder":
+            cp.initiate("c1", timeout=5)
+        rc = peer.wait(timeout=10)
+        assert rc == 0, f"ike_peer exited {rc}\n{peer.describe()}\n{cp.describe()}"
+        check_rekeyed(peer, cp)
+        assert re.search(r"parsed INFORMATIONAL request \d+ \[ \]", cp.log_text()), \
+            cp.describe()
+    finally:
+        if peer:
+            peer.stop()
         cp.stop()

@@ -104,6 +104,13 @@ pub struct Connection {
     pub rekey_time: Option<Duration>,
     /// NAT-T keepalives while a NAT was detected.
     pub keepalive_interval: Option<Duration>,
+    /// Retransmission of our requests (strongSwan's charon.retransmit_*):
+    /// first after `retransmit_timeout`, each next `retransmit_base` times
+    /// later, `retransmit_tries` transmissions in all; then the IKE SA is
+    /// given up (a dead counterpart is noticed after their sum).
+    pub retransmit_timeout: Duration,
+    pub retransmit_base: f64,
+    pub retransmit_tries: u32,
     pub children: Vec<Child>,
 }
 
@@ -180,6 +187,9 @@ pub(crate) struct RawConnection {
     dpd_delay: Option<DurationValue>,
     rekey_time: Option<DurationValue>,
     keepalive_interval: Option<DurationValue>,
+    retransmit_timeout: Option<Spanned<DurationValue>>,
+    retransmit_base: Option<Spanned<f64>>,
+    retransmit_tries: Option<Spanned<u32>>,
     #[serde(default)]
     children: Vec<RawChild>,
 }
@@ -389,6 +399,39 @@ pub(crate) fn load_connections(
                 )
             }
         };
+        let retransmit_timeout = match r.retransmit_timeout {
+            Some(t) if t.get_ref().0.is_zero() => {
+                return ctx.err(
+                    t.span(),
+                    field("retransmit_timeout"),
+                    "must be more than 0".into(),
+                )
+            }
+            Some(t) => t.into_inner().0,
+            None => Duration::from_secs(1),
+        };
+        let retransmit_base = match r.retransmit_base {
+            Some(b) if !(1.0..=10.0).contains(b.get_ref()) => {
+                return ctx.err(
+                    b.span(),
+                    field("retransmit_base"),
+                    format!("{} is not in 1.0..=10.0", b.get_ref()),
+                )
+            }
+            Some(b) => b.into_inner(),
+            None => 2.0,
+        };
+        let retransmit_tries = match r.retransmit_tries {
+            Some(t) if !(1..=20).contains(t.get_ref()) => {
+                return ctx.err(
+                    t.span(),
+                    field("retransmit_tries"),
+                    format!("{} is not in 1..=20", t.get_ref()),
+                )
+            }
+            Some(t) => t.into_inner(),
+            None => 5,
+        };
         if r.children.is_empty() {
             return ctx.err(
                 r.name.span(),
@@ -526,6 +569,9 @@ pub(crate) fn load_connections(
             dpd_delay: optional(r.dpd_delay, Some(Duration::from_secs(30))),
             rekey_time: optional(r.rekey_time, Some(Duration::from_secs(4 * 3600))),
             keepalive_interval: optional(r.keepalive_interval, Some(Duration::from_secs(20))),
+            retransmit_timeout,
+            retransmit_base,
+            retransmit_tries,
             children,
         });
     }

@@ -12,6 +12,12 @@
 //! per event on stdout. THIS IS A TEST TOOL: it prints the Child SA's ESP keys
 //! so that the test can compare them with charon's log.
 //!
+//! Options beyond the connection: `--child NAME` (the Child SA's name,
+//! default `ike_peer`), `--rekey-ike-at S` / `--rekey-child-at S` (rekey the
+//! IKE SA / the first Child SA S seconds after the first Child SA is up),
+//! `--liveness-at S` (a liveness check then), `--dpd S` and `--keepalive S`
+//! (the engine's timers).
+//!
 //! Exit status: 0 once the first Child SA is established and `--linger`
 //! seconds of answering have passed (or the peer deleted the SA in that
 //! time); 1 when the engine fails or `--timeout` passes first; 2 on bad
@@ -28,8 +34,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use bitw_control::ike::message::{AddressRange, TsRange};
 use bitw_control::ike::proposal::{parse_proposals, Protocol};
 use bitw_control::ike::sa::{
-    prefix_selector, Auth, ChildMode, Config, Datagram, Identity, IkeEvent, IkeSa, Lifetimes, Psk,
-    PubkeyAuth, RandomSpis, Retransmit,
+    prefix_selector, Auth, ChildConfig, ChildMode, Config, Datagram, Identity, IkeEvent, IkeSa,
+    Psk, PubkeyAuth, RandomSpis, Retransmit, NAT_KEEPALIVE,
 };
 use rand_core::OsRng;
 use serde_json::{json, Value};
@@ -51,6 +57,12 @@ struct Args {
     remote_ts: TsRange,
     timeout: Duration,
     linger: Duration,
+    child: String,
+    rekey_ike_at: Option<Duration>,
+    rekey_child_at: Option<Duration>,
+    liveness_at: Option<Duration>,
+    dpd: Option<Duration>,
+    keepalive: Option<Duration>,
 }
 
 fn identity(s: &str) -> Result<Identity> {
@@ -138,6 +150,12 @@ fn parse_args() -> Result<Args> {
         remote_ts: cidr(&take("remote-ts")?)?,
         timeout: take("timeout").map_or(Ok(Duration::from_secs(10)), |s| secs(&s))?,
         linger: take("linger").map_or(Ok(Duration::from_secs(1)), |s| secs(&s))?,
+        child: take("child").unwrap_or_else(|_| "ike_peer".to_string()),
+        rekey_ike_at: take("rekey-ike-at").ok().map(|s| secs(&s)).transpose()?,
+        rekey_child_at: take("rekey-child-at").ok().map(|s| secs(&s)).transpose()?,
+        liveness_at: take("liveness-at").ok().map(|s| secs(&s)).transpose()?,
+        dpd: take("dpd").ok().map(|s| secs(&s)).transpose()?,
+        keepalive: take("keepalive").ok().map(|s| secs(&s)).transpose()?,
     };
     if let Some(k) = get.keys().next() {
         bail!("unknown option --{k}");
@@ -221,6 +239,14 @@ fn event_json(ev: &IkeEvent, t0: Instant) -> Value {
             json!({"event": "failed", "ms": ms, "reason": reason, "detail": detail})
         }
         IkeEvent::Deleted => json!({"event": "deleted", "ms": ms}),
+        IkeEvent::IkeSaRekeyed { old_spis, new_spis } => json!({
+            "event": "ike_sa_rekeyed", "ms": ms,
+            "old_spi_i": format!("{:016x}", old_spis.0), "old_spi_r": format!("{:016x}", old_spis.1),
+            "spi_i": format!("{:016x}", new_spis.0), "spi_r": format!("{:016x}", new_spis.1),
+        }),
+        IkeEvent::Rejected { reason, detail } => {
+            json!({"event": "rejected", "ms": ms, "reason": reason, "detail": detail})
+        }
     }
 }
 
@@ -234,12 +260,19 @@ fn run(args: Args) -> Result<bool> {
         auth: args.auth.clone(),
         ike_proposals: parse_proposals(Protocol::Ike, &args.ike_proposals)
             .context("--ike-proposals")?,
-        esp_proposals: parse_proposals(Protocol::Esp, &args.esp_proposals)
-            .context("--esp-proposals")?,
-        local_ts: vec![args.local_ts],
-        remote_ts: vec![args.remote_ts],
-        mode: ChildMode::Tunnel,
-        lifetimes: Lifetimes::default(),
+        children: vec![ChildConfig {
+            name: args.child.clone(),
+            esp_proposals: parse_proposals(Protocol::Esp, &args.esp_proposals)
+                .context("--esp-proposals")?,
+            local_ts: vec![args.local_ts],
+            remote_ts: vec![args.remote_ts],
+            mode: ChildMode::Tunnel,
+            rekey_time: None,
+            life_time: None,
+        }],
+        ike_rekey_time: None,
+        dpd_delay: args.dpd,
+        keepalive_interval: args.keepalive,
         retransmit: Retransmit {
             timeout: Duration::from_millis(500),
             backoff: 1.5,
@@ -259,6 +292,7 @@ fn run(args: Args) -> Result<bool> {
         IkeSa::initiate(
             Instant::now(),
             config,
+            &args.child,
             local,
             remote,
             Box::new(OsRng),
@@ -278,11 +312,24 @@ fn run(args: Args) -> Result<bool> {
                 "local": args.local.to_string(), "remote": args.remote.to_string()}),
     );
     let mut done_at: Option<Instant> = None;
+    // The first Child SA: when it came up, and its inbound SPI.
+    let mut first_child: Option<(Instant, u32)> = None;
+    let mut actions = [
+        (args.rekey_ike_at, "rekey_ike"),
+        (args.rekey_child_at, "rekey_child"),
+        (args.liveness_at, "liveness"),
+    ]
+    .into_iter()
+    .filter_map(|(at, what)| at.map(|at| (at, what)))
+    .collect::<Vec<_>>();
     let mut buf = vec![0u8; 65536];
     loop {
         // send what the engine queued
         while let Some(d) = sa.poll_transmit() {
-            let (sock, payload) = if d.src.port() == NAT_T_PORT || d.dst.port() == NAT_T_PORT {
+            let (sock, payload) = if d.payload == [NAT_KEEPALIVE] {
+                // RFC 3948 §2.3: a keepalive goes without the non-ESP marker.
+                (&s4500, d.payload)
+            } else if d.src.port() == NAT_T_PORT || d.dst.port() == NAT_T_PORT {
                 let mut p = NON_ESP_MARKER.to_vec();
                 p.extend_from_slice(&d.payload);
                 (&s4500, p)
@@ -297,8 +344,9 @@ fn run(args: Args) -> Result<bool> {
         while let Some(ev) = sa.poll_event() {
             emit(event_json(&ev, t0));
             match ev {
-                IkeEvent::ChildSaEstablished(_) if done_at.is_none() => {
+                IkeEvent::ChildSaEstablished(c) if done_at.is_none() => {
                     done_at = Some(Instant::now() + args.linger);
+                    first_child = Some((Instant::now(), c.inbound_spi));
                 }
                 IkeEvent::Failed { .. } => return Ok(false),
                 IkeEvent::Deleted => return Ok(done_at.is_some()),
@@ -306,6 +354,21 @@ fn run(args: Args) -> Result<bool> {
             }
         }
         let now = Instant::now();
+        if let Some((up, spi)) = first_child {
+            actions.retain(|(at, what)| {
+                if now < up + *at {
+                    return true;
+                }
+                let ok = match *what {
+                    "rekey_ike" => sa.rekey_ike(now),
+                    "rekey_child" => sa.rekey_child(now, spi),
+                    _ => sa.send_liveness_check(now),
+                };
+                emit(json!({"event": "action", "action": what, "ok": ok,
+                            "ms": t0.elapsed().as_secs_f64() * 1e3}));
+                false
+            });
+        }
         if let Some(at) = done_at {
             if now >= at {
                 return Ok(true);

@@ -136,7 +136,7 @@ impl Prf {
     }
 
     /// strongSwan's proposal keyword.
-    pub const fn strongswan_name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Prf::HmacSha256 => "prfsha256",
             Prf::HmacSha384 => "prfsha384",
@@ -186,7 +186,7 @@ impl Prf {
 
 impl fmt::Display for Prf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.strongswan_name())
+        f.write_str(self.name())
     }
 }
 
@@ -223,7 +223,7 @@ impl Integrity {
     }
 
     /// strongSwan's proposal keyword.
-    pub const fn strongswan_name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Integrity::HmacSha256_128 => "sha256",
             Integrity::HmacSha384_192 => "sha384",
@@ -257,7 +257,7 @@ impl Integrity {
 
 impl fmt::Display for Integrity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.strongswan_name())
+        f.write_str(self.name())
     }
 }
 
@@ -266,31 +266,31 @@ impl fmt::Display for Integrity {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Encryption {
     /// ENCR_AES_CBC (12), Key Length 128.
-    AesCbc128,
+    Aes128Cbc,
     /// ENCR_AES_CBC (12), Key Length 256.
-    AesCbc256,
+    Aes256Cbc,
     /// ENCR_AES_GCM_16 (20), Key Length 128.
-    AesGcm16_128,
+    Aes128Gcm16,
     /// ENCR_AES_GCM_16 (20), Key Length 256.
-    AesGcm16_256,
+    Aes256Gcm16,
     /// ENCR_CHACHA20_POLY1305 (28), no Key Length attribute.
     ChaCha20Poly1305,
 }
 
 impl Encryption {
     pub const ALL: [Encryption; 5] = [
-        Encryption::AesCbc128,
-        Encryption::AesCbc256,
-        Encryption::AesGcm16_128,
-        Encryption::AesGcm16_256,
+        Encryption::Aes128Cbc,
+        Encryption::Aes256Cbc,
+        Encryption::Aes128Gcm16,
+        Encryption::Aes256Gcm16,
         Encryption::ChaCha20Poly1305,
     ];
 
     /// IANA Transform Type 1 ID.
     pub const fn iana_id(self) -> u16 {
         match self {
-            Encryption::AesCbc128 | Encryption::AesCbc256 => 12,
-            Encryption::AesGcm16_128 | Encryption::AesGcm16_256 => 20,
+            Encryption::Aes128Cbc | Encryption::Aes256Cbc => 12,
+            Encryption::Aes128Gcm16 | Encryption::Aes256Gcm16 => 20,
             Encryption::ChaCha20Poly1305 => 28,
         }
     }
@@ -298,8 +298,8 @@ impl Encryption {
     /// The Key Length transform attribute (bits), where the transform has one.
     pub const fn key_length_attribute(self) -> Option<u16> {
         match self {
-            Encryption::AesCbc128 | Encryption::AesGcm16_128 => Some(128),
-            Encryption::AesCbc256 | Encryption::AesGcm16_256 => Some(256),
+            Encryption::Aes128Cbc | Encryption::Aes128Gcm16 => Some(128),
+            Encryption::Aes256Cbc | Encryption::Aes256Gcm16 => Some(256),
             Encryption::ChaCha20Poly1305 => None,
         }
     }
@@ -312,19 +312,19 @@ impl Encryption {
     }
 
     /// strongSwan's proposal keyword.
-    pub const fn strongswan_name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
-            Encryption::AesCbc128 => "aes128",
-            Encryption::AesCbc256 => "aes256",
-            Encryption::AesGcm16_128 => "aes128gcm16",
-            Encryption::AesGcm16_256 => "aes256gcm16",
+            Encryption::Aes128Cbc => "aes128",
+            Encryption::Aes256Cbc => "aes256",
+            Encryption::Aes128Gcm16 => "aes128gcm16",
+            Encryption::Aes256Gcm16 => "aes256gcm16",
             Encryption::ChaCha20Poly1305 => "chacha20poly1305",
         }
     }
 
     /// Combined-mode (AEAD): no separate integrity transform.
     pub const fn is_aead(self) -> bool {
-        !matches!(self, Encryption::AesCbc128 | Encryption::AesCbc256)
+        !matches!(self, Encryption::Aes128Cbc | Encryption::Aes256Cbc)
     }
 
     /// Keying material the transform takes (SK_ei / SK_er, or the ESP
@@ -332,10 +332,10 @@ impl Encryption {
     /// (RFC 5282 §7.1, RFC 4106 §8.1 for ESP, RFC 7634).
     pub const fn key_len(self) -> usize {
         match self {
-            Encryption::AesCbc128 => 16,
-            Encryption::AesCbc256 => 32,
-            Encryption::AesGcm16_128 => 16 + AEAD_SALT_LEN,
-            Encryption::AesGcm16_256 | Encryption::ChaCha20Poly1305 => 32 + AEAD_SALT_LEN,
+            Encryption::Aes128Cbc => 16,
+            Encryption::Aes256Cbc => 32,
+            Encryption::Aes128Gcm16 => 16 + AEAD_SALT_LEN,
+            Encryption::Aes256Gcm16 | Encryption::ChaCha20Poly1305 => 32 + AEAD_SALT_LEN,
         }
     }
 
@@ -351,17 +351,17 @@ impl Encryption {
 
     fn aead_algorithm(self) -> Option<&'static aead::Algorithm> {
         match self {
-            Encryption::AesGcm16_128 => Some(&aead::AES_128_GCM),
-            Encryption::AesGcm16_256 => Some(&aead::AES_256_GCM),
+            Encryption::Aes128Gcm16 => Some(&aead::AES_128_GCM),
+            Encryption::Aes256Gcm16 => Some(&aead::AES_256_GCM),
             Encryption::ChaCha20Poly1305 => Some(&aead::CHACHA20_POLY1305),
-            Encryption::AesCbc128 | Encryption::AesCbc256 => None,
+            Encryption::Aes128Cbc | Encryption::Aes256Cbc => None,
         }
     }
 }
 
 impl fmt::Display for Encryption {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.strongswan_name())
+        f.write_str(self.name())
     }
 }
 
@@ -1123,7 +1123,7 @@ impl SkCipher {
         let key = self.encryption_key.as_bytes();
         let len = data.len();
         let result = match self.encryption {
-            Encryption::AesCbc128 => cbc::Encryptor::<aes::Aes128>::new_from_slices(key, iv)
+            Encryption::Aes128Cbc => cbc::Encryptor::<aes::Aes128>::new_from_slices(key, iv)
                 .map_err(|_| self.key_length_error())?
                 .encrypt_padded_mut::<NoPadding>(data, len)
                 .map(|_| ()),
@@ -1142,7 +1142,7 @@ impl SkCipher {
         let key = self.encryption_key.as_bytes();
         let len = data.len();
         let result = match self.encryption {
-            Encryption::AesCbc128 => cbc::Decryptor::<aes::Aes128>::new_from_slices(key, iv)
+            Encryption::Aes128Cbc => cbc::Decryptor::<aes::Aes128>::new_from_slices(key, iv)
                 .map_err(|_| self.key_length_error())?
                 .decrypt_padded_mut::<NoPadding>(data)
                 .map(|_| ()),
@@ -1389,19 +1389,19 @@ mod tests {
         assert_eq!(Encryption::from_iana_id(12, None), None);
         assert_eq!(Encryption::from_iana_id(28, Some(256)), None);
         let suite = IkeSuite::new(
-            Encryption::AesCbc256,
+            Encryption::Aes256Cbc,
             Some(Integrity::HmacSha256_128),
             Prf::HmacSha256,
         )
         .unwrap();
         assert_eq!(suite.to_string(), "aes256-sha256-prfsha256");
         assert!(IkeSuite::new(
-            Encryption::AesGcm16_128,
+            Encryption::Aes128Gcm16,
             Some(Integrity::HmacSha256_128),
             Prf::HmacSha256
         )
         .is_err());
-        assert!(IkeSuite::new(Encryption::AesCbc128, None, Prf::HmacSha256).is_err());
+        assert!(IkeSuite::new(Encryption::Aes128Cbc, None, Prf::HmacSha256).is_err());
     }
 
     // -------------------------------------------------------------- prf+
@@ -1564,12 +1564,12 @@ mod tests {
         check_key_schedule(
             "a",
             IkeSuite::new(
-                Encryption::AesCbc256,
+                Encryption::Aes256Cbc,
                 Some(Integrity::HmacSha256_128),
                 Prf::HmacSha256,
             )
             .unwrap(),
-            ChildSaKeyLengths::for_esp(Encryption::AesCbc128, Some(Integrity::HmacSha256_128))
+            ChildSaKeyLengths::for_esp(Encryption::Aes128Cbc, Some(Integrity::HmacSha256_128))
                 .unwrap(),
             true,
         );
@@ -1579,8 +1579,8 @@ mod tests {
     fn key_schedule_aes_gcm_256_prf_sha384() {
         check_key_schedule(
             "b",
-            IkeSuite::new(Encryption::AesGcm16_256, None, Prf::HmacSha384).unwrap(),
-            ChildSaKeyLengths::for_esp(Encryption::AesGcm16_128, None).unwrap(),
+            IkeSuite::new(Encryption::Aes256Gcm16, None, Prf::HmacSha384).unwrap(),
+            ChildSaKeyLengths::for_esp(Encryption::Aes128Gcm16, None).unwrap(),
             false,
         );
     }
@@ -1591,7 +1591,7 @@ mod tests {
         check_key_schedule(
             "c",
             IkeSuite::new(Encryption::ChaCha20Poly1305, None, Prf::HmacSha512).unwrap(),
-            ChildSaKeyLengths::for_esp(Encryption::AesCbc256, Some(Integrity::HmacSha512_256))
+            ChildSaKeyLengths::for_esp(Encryption::Aes256Cbc, Some(Integrity::HmacSha512_256))
                 .unwrap(),
             false,
         );
@@ -1602,7 +1602,7 @@ mod tests {
         check_key_schedule(
             "d",
             IkeSuite::new(
-                Encryption::AesCbc128,
+                Encryption::Aes128Cbc,
                 Some(Integrity::HmacSha384_192),
                 Prf::HmacSha384,
             )
@@ -1617,12 +1617,12 @@ mod tests {
         check_key_schedule(
             "e",
             IkeSuite::new(
-                Encryption::AesCbc256,
+                Encryption::Aes256Cbc,
                 Some(Integrity::HmacSha512_256),
                 Prf::HmacSha512,
             )
             .unwrap(),
-            ChildSaKeyLengths::for_esp(Encryption::AesGcm16_128, None).unwrap(),
+            ChildSaKeyLengths::for_esp(Encryption::Aes128Gcm16, None).unwrap(),
             false,
         );
     }
@@ -1631,8 +1631,8 @@ mod tests {
     fn key_schedule_aes_gcm_128_sha256() {
         check_key_schedule(
             "f",
-            IkeSuite::new(Encryption::AesGcm16_128, None, Prf::HmacSha256).unwrap(),
-            ChildSaKeyLengths::for_esp(Encryption::AesGcm16_128, None).unwrap(),
+            IkeSuite::new(Encryption::Aes128Gcm16, None, Prf::HmacSha256).unwrap(),
+            ChildSaKeyLengths::for_esp(Encryption::Aes128Gcm16, None).unwrap(),
             false,
         );
     }
@@ -1655,7 +1655,7 @@ mod tests {
             .agree(&gr)
             .unwrap();
         let suite = IkeSuite::new(
-            Encryption::AesCbc256,
+            Encryption::Aes256Cbc,
             Some(Integrity::HmacSha256_128),
             Prf::HmacSha256,
         )
@@ -1677,16 +1677,16 @@ mod tests {
         let keys = check_key_schedule(
             "a",
             IkeSuite::new(
-                Encryption::AesCbc256,
+                Encryption::Aes256Cbc,
                 Some(Integrity::HmacSha256_128),
                 Prf::HmacSha256,
             )
             .unwrap(),
-            ChildSaKeyLengths::for_esp(Encryption::AesCbc128, Some(Integrity::HmacSha256_128))
+            ChildSaKeyLengths::for_esp(Encryption::Aes128Cbc, Some(Integrity::HmacSha256_128))
                 .unwrap(),
             true,
         );
-        let lengths = ChildSaKeyLengths::for_esp(Encryption::AesGcm16_256, None).unwrap();
+        let lengths = ChildSaKeyLengths::for_esp(Encryption::Aes256Gcm16, None).unwrap();
         let plain = keys
             .child_sa_keys(
                 None,
@@ -1725,7 +1725,7 @@ mod tests {
     #[test]
     fn cipher_keys_of_the_wrong_length_are_refused() {
         assert_eq!(
-            SkCipher::new(Encryption::AesGcm16_128, None, &[0; 16], &[]).unwrap_err(),
+            SkCipher::new(Encryption::Aes128Gcm16, None, &[0; 16], &[]).unwrap_err(),
             CryptoError::KeyLength {
                 what: "SK_e",
                 expected: 20,
@@ -1734,7 +1734,7 @@ mod tests {
         );
         assert!(matches!(
             SkCipher::new(
-                Encryption::AesCbc128,
+                Encryption::Aes128Cbc,
                 Some(Integrity::HmacSha256_128),
                 &[0; 16],
                 &[0; 16]
@@ -1742,11 +1742,11 @@ mod tests {
             Err(CryptoError::KeyLength { what: "SK_a", .. })
         ));
         assert!(matches!(
-            SkCipher::new(Encryption::AesCbc128, None, &[0; 16], &[]),
+            SkCipher::new(Encryption::Aes128Cbc, None, &[0; 16], &[]),
             Err(CryptoError::InvalidSuite(_))
         ));
         assert!(ChildSaKeyLengths::for_esp(
-            Encryption::AesGcm16_128,
+            Encryption::Aes128Gcm16,
             Some(Integrity::HmacSha256_128)
         )
         .is_err());
@@ -1768,19 +1768,19 @@ mod tests {
         vec![
             (
                 "a",
-                kat_cipher("a", Encryption::AesCbc256, Some(Integrity::HmacSha256_128)),
+                kat_cipher("a", Encryption::Aes256Cbc, Some(Integrity::HmacSha256_128)),
             ),
-            ("b", kat_cipher("b", Encryption::AesGcm16_256, None)),
+            ("b", kat_cipher("b", Encryption::Aes256Gcm16, None)),
             ("c", kat_cipher("c", Encryption::ChaCha20Poly1305, None)),
             (
                 "d",
-                kat_cipher("d", Encryption::AesCbc128, Some(Integrity::HmacSha384_192)),
+                kat_cipher("d", Encryption::Aes128Cbc, Some(Integrity::HmacSha384_192)),
             ),
             (
                 "e",
-                kat_cipher("e", Encryption::AesCbc256, Some(Integrity::HmacSha512_256)),
+                kat_cipher("e", Encryption::Aes256Cbc, Some(Integrity::HmacSha512_256)),
             ),
-            ("f", kat_cipher("f", Encryption::AesGcm16_128, None)),
+            ("f", kat_cipher("f", Encryption::Aes128Gcm16, None)),
         ]
     }
 
@@ -1809,8 +1809,8 @@ mod tests {
     fn aes_gcm_seal_agrees_with_the_aes_gcm_crate() {
         use aes_gcm::aead::{Aead, KeyInit, Payload};
         for (tag, encryption) in [
-            ("b", Encryption::AesGcm16_256),
-            ("f", Encryption::AesGcm16_128),
+            ("b", Encryption::Aes256Gcm16),
+            ("f", Encryption::Aes128Gcm16),
         ] {
             let cipher = kat_cipher(tag, encryption, None);
             let sk_e = kat(&format!("{tag}_sk_ei"));
@@ -1829,7 +1829,7 @@ mod tests {
                     aad: &aad,
                 };
                 let oracle = match encryption {
-                    Encryption::AesGcm16_128 => aes_gcm::Aes128Gcm::new_from_slice(key)
+                    Encryption::Aes128Gcm16 => aes_gcm::Aes128Gcm::new_from_slice(key)
                         .unwrap()
                         .encrypt(aes_gcm::Nonce::from_slice(&nonce), payload),
                     _ => aes_gcm::Aes256Gcm::new_from_slice(key)
@@ -1949,7 +1949,7 @@ mod tests {
             );
         }
         // Misalignment is found before the ICV is checked.
-        let cbc = kat_cipher("a", Encryption::AesCbc256, Some(Integrity::HmacSha256_128));
+        let cbc = kat_cipher("a", Encryption::Aes256Cbc, Some(Integrity::HmacSha256_128));
         assert_eq!(
             cbc.open(b"", &[0u8; 16 + 17 + 16]).unwrap_err(),
             CryptoError::Misaligned {
@@ -1963,7 +1963,7 @@ mod tests {
     /// only a peer with the keys could send it), is refused, not sliced.
     #[test]
     fn bad_pad_length_under_a_valid_icv_is_refused() {
-        let cbc = kat_cipher("a", Encryption::AesCbc256, Some(Integrity::HmacSha256_128));
+        let cbc = kat_cipher("a", Encryption::Aes256Cbc, Some(Integrity::HmacSha256_128));
         let iv = [7u8; 16];
         let mut data = [0u8; 16];
         data[15] = 200;
@@ -1979,7 +1979,7 @@ mod tests {
             }
         );
 
-        let gcm = kat_cipher("f", Encryption::AesGcm16_128, None);
+        let gcm = kat_cipher("f", Encryption::Aes128Gcm16, None);
         let iv = [9u8; 8];
         let mut data = vec![1u8, 2, 3, 9];
         let tag = gcm
@@ -2005,7 +2005,7 @@ mod tests {
     fn padding_from_other_implementations_is_accepted() {
         // Any pad length that fits and any pad content (RFC 7296 §3.14): here
         // 16 extra octets of 0xEE padding on CBC, 5 on GCM.
-        let cbc = kat_cipher("a", Encryption::AesCbc256, Some(Integrity::HmacSha256_128));
+        let cbc = kat_cipher("a", Encryption::Aes256Cbc, Some(Integrity::HmacSha256_128));
         let iv = [3u8; 16];
         let mut data = b"payload!".to_vec();
         data.extend_from_slice(&[0xEE; 23]);
@@ -2016,7 +2016,7 @@ mod tests {
         body.extend_from_slice(&icv);
         assert_eq!(cbc.open(b"hdr", &body).unwrap(), b"payload!");
 
-        let gcm = kat_cipher("b", Encryption::AesGcm16_256, None);
+        let gcm = kat_cipher("b", Encryption::Aes256Gcm16, None);
         let iv = [4u8; 8];
         let mut data = b"payload!\xEE\xEE\xEE\xEE\xEE\x05".to_vec();
         let tag = gcm
@@ -2035,7 +2035,7 @@ mod tests {
     #[test]
     fn generated_ivs_never_repeat_and_cbc_ivs_are_random() {
         let mut rng = CountingRng(4);
-        let gcm = kat_cipher("f", Encryption::AesGcm16_128, None);
+        let gcm = kat_cipher("f", Encryption::Aes128Gcm16, None);
         let first = gcm.seal(b"", b"x", IvSource::Generate(&mut rng)).unwrap();
         let second = gcm.seal(b"", b"x", IvSource::Generate(&mut rng)).unwrap();
         let counter = |body: &[u8]| u64::from_be_bytes(body[..8].try_into().unwrap());
@@ -2043,11 +2043,11 @@ mod tests {
         assert_eq!(counter(&second), counter(&first).wrapping_add(1));
         assert_ne!(first, second);
         // Two ciphers over different keys start at different points.
-        let other = kat_cipher("b", Encryption::AesGcm16_256, None);
+        let other = kat_cipher("b", Encryption::Aes256Gcm16, None);
         let third = other.seal(b"", b"x", IvSource::Generate(&mut rng)).unwrap();
         assert_ne!(counter(&third), counter(&second).wrapping_add(1));
 
-        let cbc = kat_cipher("a", Encryption::AesCbc256, Some(Integrity::HmacSha256_128));
+        let cbc = kat_cipher("a", Encryption::Aes256Cbc, Some(Integrity::HmacSha256_128));
         let a = cbc.seal(b"", b"x", IvSource::Generate(&mut rng)).unwrap();
         let b = cbc.seal(b"", b"x", IvSource::Generate(&mut rng)).unwrap();
         assert_ne!(a[..16], b[..16]);
@@ -2055,7 +2055,7 @@ mod tests {
 
     #[test]
     fn iv_errors() {
-        let gcm = kat_cipher("f", Encryption::AesGcm16_128, None);
+        let gcm = kat_cipher("f", Encryption::Aes128Gcm16, None);
         assert_eq!(
             gcm.seal(b"", b"x", IvSource::Explicit(&[0; 12]))
                 .unwrap_err(),
@@ -2069,7 +2069,7 @@ mod tests {
                 .unwrap_err(),
             CryptoError::RandomSource
         );
-        let cbc = kat_cipher("a", Encryption::AesCbc256, Some(Integrity::HmacSha256_128));
+        let cbc = kat_cipher("a", Encryption::Aes256Cbc, Some(Integrity::HmacSha256_128));
         assert_eq!(
             cbc.seal(b"", b"x", IvSource::Generate(&mut FailingRng))
                 .unwrap_err(),
@@ -2089,13 +2089,13 @@ mod tests {
 
     #[test]
     fn sk_lengths_for_the_engine() {
-        let cbc = kat_cipher("a", Encryption::AesCbc256, Some(Integrity::HmacSha256_128));
+        let cbc = kat_cipher("a", Encryption::Aes256Cbc, Some(Integrity::HmacSha256_128));
         // 16 IV + 16 (0 octets + pad length, padded) + 16 ICV, + 4 header.
         assert_eq!(cbc.sk_body_len(0).unwrap(), 48);
         assert_eq!(cbc.sk_payload_len(0).unwrap(), 52);
         assert_eq!(cbc.sk_body_len(15).unwrap(), 48);
         assert_eq!(cbc.sk_body_len(16).unwrap(), 64);
-        let gcm = kat_cipher("b", Encryption::AesGcm16_256, None);
+        let gcm = kat_cipher("b", Encryption::Aes256Gcm16, None);
         assert_eq!(gcm.sk_body_len(0).unwrap(), 8 + 1 + 16);
         assert_eq!(gcm.sk_body_len(100).unwrap(), 8 + 101 + 16);
         // The payload length field is 16 bits.
@@ -2114,12 +2114,12 @@ mod tests {
         let keys = check_key_schedule(
             "a",
             IkeSuite::new(
-                Encryption::AesCbc256,
+                Encryption::Aes256Cbc,
                 Some(Integrity::HmacSha256_128),
                 Prf::HmacSha256,
             )
             .unwrap(),
-            ChildSaKeyLengths::for_esp(Encryption::AesCbc128, Some(Integrity::HmacSha256_128))
+            ChildSaKeyLengths::for_esp(Encryption::Aes128Cbc, Some(Integrity::HmacSha256_128))
                 .unwrap(),
             true,
         );
@@ -2173,8 +2173,8 @@ mod tests {
     fn debug_output_never_shows_keys() {
         let keys = check_key_schedule(
             "b",
-            IkeSuite::new(Encryption::AesGcm16_256, None, Prf::HmacSha384).unwrap(),
-            ChildSaKeyLengths::for_esp(Encryption::AesGcm16_128, None).unwrap(),
+            IkeSuite::new(Encryption::Aes256Gcm16, None, Prf::HmacSha384).unwrap(),
+            ChildSaKeyLengths::for_esp(Encryption::Aes128Gcm16, None).unwrap(),
             false,
         );
         let child = keys
@@ -2182,7 +2182,7 @@ mod tests {
                 None,
                 &kat("b_child_ni"),
                 &kat("b_child_nr"),
-                ChildSaKeyLengths::for_esp(Encryption::AesGcm16_128, None).unwrap(),
+                ChildSaKeyLengths::for_esp(Encryption::Aes128Gcm16, None).unwrap(),
             )
             .unwrap();
         let printed = format!("{keys:?} {child:?}");
@@ -2205,7 +2205,7 @@ mod tests {
         }
         assert!(printed.contains("redacted"));
         // Errors carry lengths and names only.
-        let err = SkCipher::new(Encryption::AesGcm16_128, None, &[0xAB; 3], &[]).unwrap_err();
+        let err = SkCipher::new(Encryption::Aes128Gcm16, None, &[0xAB; 3], &[]).unwrap_err();
         assert_eq!(err.to_string(), "SK_e must be 20 octets, got 3");
     }
 }

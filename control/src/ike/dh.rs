@@ -101,22 +101,20 @@ impl DhGroup {
     }
 
     /// The name strongSwan uses in proposals (`aes128gcm16-prfsha256-ecp256`).
-    pub const fn strongswan_name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             DhGroup::Modp2048 => "modp2048",
             DhGroup::Ecp256 => "ecp256",
             DhGroup::Ecp384 => "ecp384",
-            DhGroup::Curve25519 => "curve25519",
+            DhGroup::Curve25519 => "x25519",
         }
     }
 
-    /// The group strongSwan calls `name` (it also accepts `x25519` for 31).
-    pub fn from_strongswan_name(name: &str) -> Option<DhGroup> {
+    /// The group strongSwan calls `name` (it also accepts `curve25519` for 31).
+    pub fn from_name(name: &str) -> Option<DhGroup> {
         match name {
-            "x25519" => Some(DhGroup::Curve25519),
-            _ => DhGroup::ALL
-                .into_iter()
-                .find(|g| g.strongswan_name() == name),
+            "curve25519" => Some(DhGroup::Curve25519),
+            _ => DhGroup::ALL.into_iter().find(|g| g.name() == name),
         }
     }
 
@@ -153,7 +151,7 @@ impl DhGroup {
 
 impl fmt::Display for DhGroup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (group {})", self.strongswan_name(), self.iana_id())
+        write!(f, "{} (group {})", self.name(), self.iana_id())
     }
 }
 
@@ -485,21 +483,15 @@ mod tests {
     fn group_numbers_and_names() {
         for group in DhGroup::ALL {
             assert_eq!(DhGroup::from_iana_id(group.iana_id()), Some(group));
-            assert_eq!(
-                DhGroup::from_strongswan_name(group.strongswan_name()),
-                Some(group)
-            );
+            assert_eq!(DhGroup::from_name(group.name()), Some(group));
         }
         assert_eq!(DhGroup::Modp2048.iana_id(), 14);
         assert_eq!(DhGroup::Ecp256.iana_id(), 19);
         assert_eq!(DhGroup::Ecp384.iana_id(), 20);
         assert_eq!(DhGroup::Curve25519.iana_id(), 31);
-        assert_eq!(
-            DhGroup::from_strongswan_name("x25519"),
-            Some(DhGroup::Curve25519)
-        );
+        assert_eq!(DhGroup::from_name("x25519"), Some(DhGroup::Curve25519));
         assert_eq!(DhGroup::from_iana_id(2), None);
-        assert_eq!(DhGroup::from_strongswan_name("modp1024"), None);
+        assert_eq!(DhGroup::from_name("modp1024"), None);
         assert_eq!(DhGroup::Ecp256.to_string(), "ecp256 (group 19)");
     }
 
@@ -834,6 +826,6 @@ mod tests {
         assert!(printed.contains("redacted"));
         // Errors name the group and the fault, not the value.
         let err = alice.agree(&[0u8; 32]).unwrap_err().to_string();
-        assert!(err.contains("curve25519"), "{err}");
+        assert!(err.contains("x25519"), "{err}");
     }
 }

@@ -12,11 +12,15 @@
 //! - [`crypto`]: PRFs, prf+, SKEYSEED and the key schedule, KEYMAT, the SK
 //!   payload's encryption and integrity, AUTH for PSKs.
 //! - [`dh`]: Diffie-Hellman groups 14, 19, 20 and 31.
+//! - [`auth`]: PSKs and X.509 certificates (RSA, ECDSA; RFC 7427 signatures).
+//! - [`cookie`]: a responder's stateless cookies (RFC 7296 §2.6).
 //! - [`sa`]: one IKE SA as a state machine: IKE_SA_INIT, IKE_AUTH (PSK or
-//!   certificates) and the first Child SA, CREATE_CHILD_SA for Child SAs
-//!   (responder), INFORMATIONAL liveness checks and deletes.
+//!   certificates) and the first Child SA, CREATE_CHILD_SA for more Child SAs
+//!   and rekeys of Child SAs and of the IKE SA, INFORMATIONAL liveness checks
+//!   and deletes, the rekey / DPD / keepalive timers.
 
 pub mod auth;
+pub mod cookie;
 pub mod crypto;
 pub mod dh;
 pub mod message;

@@ -81,75 +81,15 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// Encryption transforms (IANA "Transform Type 1").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Encryption {
-    /// ENCR_AES_CBC (12), 128-bit key (RFC 3602); needs an integrity transform.
-    Aes128Cbc,
-    /// ENCR_AES_CBC (12), 256-bit key.
-    Aes256Cbc,
-    /// ENCR_AES_GCM_16 (20), 128-bit key (RFC 4106, RFC 5282).
-    Aes128Gcm16,
-    /// ENCR_AES_GCM_16 (20), 256-bit key.
-    Aes256Gcm16,
-    /// ENCR_CHACHA20_POLY1305 (28) (RFC 7634).
-    ChaCha20Poly1305,
-}
-
-const ENCR_AES_CBC: u16 = 12;
-const ENCR_AES_GCM_16: u16 = 20;
-const ENCR_CHACHA20_POLY1305: u16 = 28;
+// The transforms are crypto's and dh's types (one enum per transform
+// type); what proposals need of them is added here.
+pub use crate::ike::crypto::{Encryption, Integrity, Prf};
+pub use crate::ike::dh::DhGroup;
 
 impl Encryption {
-    pub const ALL: [Encryption; 5] = [
-        Encryption::Aes128Cbc,
-        Encryption::Aes256Cbc,
-        Encryption::Aes128Gcm16,
-        Encryption::Aes256Gcm16,
-        Encryption::ChaCha20Poly1305,
-    ];
-
-    /// The name strongSwan gives it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Encryption::Aes128Cbc => "aes128",
-            Encryption::Aes256Cbc => "aes256",
-            Encryption::Aes128Gcm16 => "aes128gcm16",
-            Encryption::Aes256Gcm16 => "aes256gcm16",
-            Encryption::ChaCha20Poly1305 => "chacha20poly1305",
-        }
-    }
-
-    pub fn transform_id(self) -> u16 {
-        match self {
-            Encryption::Aes128Cbc | Encryption::Aes256Cbc => ENCR_AES_CBC,
-            Encryption::Aes128Gcm16 | Encryption::Aes256Gcm16 => ENCR_AES_GCM_16,
-            Encryption::ChaCha20Poly1305 => ENCR_CHACHA20_POLY1305,
-        }
-    }
-
-    /// The Key Length attribute in bits: AES has variable key sizes and must
-    /// carry one (RFC 7296 §3.3.5); ChaCha20-Poly1305 must not (RFC 7634 §2).
-    pub fn key_length_attribute(self) -> Option<u16> {
-        match self {
-            Encryption::Aes128Cbc | Encryption::Aes128Gcm16 => Some(128),
-            Encryption::Aes256Cbc | Encryption::Aes256Gcm16 => Some(256),
-            Encryption::ChaCha20Poly1305 => None,
-        }
-    }
-
-    /// Combined-mode (AEAD): integrity comes with the cipher, so a proposal
-    /// with it has no integrity transform (RFC 5282 §8).
-    pub fn is_aead(self) -> bool {
-        !matches!(self, Encryption::Aes128Cbc | Encryption::Aes256Cbc)
-    }
-
     /// Bytes of key, without the salt.
     pub fn key_bytes(self) -> usize {
-        match self {
-            Encryption::Aes128Cbc | Encryption::Aes128Gcm16 => 16,
-            Encryption::Aes256Cbc | Encryption::Aes256Gcm16 | Encryption::ChaCha20Poly1305 => 32,
-        }
+        self.key_len() - self.salt_bytes()
     }
 
     /// Bytes of salt taken from the key material after the key: 4 for the
@@ -175,10 +115,8 @@ impl Encryption {
 
     pub fn to_transform(self) -> Transform {
         match self.key_length_attribute() {
-            Some(bits) => {
-                Transform::with_key_length(TransformType::ENCR, self.transform_id(), bits)
-            }
-            None => Transform::new(TransformType::ENCR, self.transform_id()),
+            Some(bits) => Transform::with_key_length(TransformType::ENCR, self.iana_id(), bits),
+            None => Transform::new(TransformType::ENCR, self.iana_id()),
         }
     }
 
@@ -197,169 +135,59 @@ impl Encryption {
             }] => Some(*bits),
             _ => return None,
         };
-        Encryption::ALL
-            .into_iter()
-            .find(|e| e.transform_id() == t.id && e.key_length_attribute() == key_length)
+        Encryption::from_iana_id(t.id, key_length)
     }
-}
-
-/// Pseudo-random functions (IANA "Transform Type 2").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Prf {
-    /// PRF_HMAC_SHA2_256 (5) (RFC 4868).
-    HmacSha2_256,
-    /// PRF_HMAC_SHA2_384 (6).
-    HmacSha2_384,
-    /// PRF_HMAC_SHA2_512 (7).
-    HmacSha2_512,
 }
 
 impl Prf {
-    pub const ALL: [Prf; 3] = [Prf::HmacSha2_256, Prf::HmacSha2_384, Prf::HmacSha2_512];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Prf::HmacSha2_256 => "prfsha256",
-            Prf::HmacSha2_384 => "prfsha384",
-            Prf::HmacSha2_512 => "prfsha512",
-        }
-    }
-
-    pub fn transform_id(self) -> u16 {
-        match self {
-            Prf::HmacSha2_256 => 5,
-            Prf::HmacSha2_384 => 6,
-            Prf::HmacSha2_512 => 7,
-        }
-    }
-
     pub fn to_transform(self) -> Transform {
-        Transform::new(TransformType::PRF, self.transform_id())
+        Transform::new(TransformType::PRF, self.iana_id())
     }
 
     pub fn from_transform(t: &Transform) -> Option<Prf> {
         if t.transform_type != TransformType::PRF || !t.attributes.is_empty() {
             return None;
         }
-        Prf::ALL.into_iter().find(|p| p.transform_id() == t.id)
+        Prf::from_iana_id(t.id)
     }
-}
-
-/// Integrity transforms (IANA "Transform Type 3"). NONE (0) is represented
-/// by the absence of one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Integrity {
-    /// AUTH_HMAC_SHA2_256_128 (12) (RFC 4868).
-    HmacSha2_256_128,
-    /// AUTH_HMAC_SHA2_384_192 (13).
-    HmacSha2_384_192,
-    /// AUTH_HMAC_SHA2_512_256 (14).
-    HmacSha2_512_256,
 }
 
 /// Transform ID of INTEG NONE, and of DH NONE.
 const TRANSFORM_NONE: u16 = 0;
 
 impl Integrity {
-    pub const ALL: [Integrity; 3] = [
-        Integrity::HmacSha2_256_128,
-        Integrity::HmacSha2_384_192,
-        Integrity::HmacSha2_512_256,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Integrity::HmacSha2_256_128 => "sha256",
-            Integrity::HmacSha2_384_192 => "sha384",
-            Integrity::HmacSha2_512_256 => "sha512",
-        }
-    }
-
-    pub fn transform_id(self) -> u16 {
-        match self {
-            Integrity::HmacSha2_256_128 => 12,
-            Integrity::HmacSha2_384_192 => 13,
-            Integrity::HmacSha2_512_256 => 14,
-        }
-    }
-
     /// The PRF strongSwan adds to an IKE proposal that names this integrity
     /// algorithm and no PRF.
     pub fn implied_prf(self) -> Prf {
         match self {
-            Integrity::HmacSha2_256_128 => Prf::HmacSha2_256,
-            Integrity::HmacSha2_384_192 => Prf::HmacSha2_384,
-            Integrity::HmacSha2_512_256 => Prf::HmacSha2_512,
+            Integrity::HmacSha256_128 => Prf::HmacSha256,
+            Integrity::HmacSha384_192 => Prf::HmacSha384,
+            Integrity::HmacSha512_256 => Prf::HmacSha512,
         }
     }
 
     pub fn to_transform(self) -> Transform {
-        Transform::new(TransformType::INTEG, self.transform_id())
+        Transform::new(TransformType::INTEG, self.iana_id())
     }
 
     pub fn from_transform(t: &Transform) -> Option<Integrity> {
         if t.transform_type != TransformType::INTEG || !t.attributes.is_empty() {
             return None;
         }
-        Integrity::ALL
-            .into_iter()
-            .find(|i| i.transform_id() == t.id)
+        Integrity::from_iana_id(t.id)
     }
-}
-
-/// Diffie-Hellman groups (IANA "Transform Type 4").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DhGroup {
-    /// 2048-bit MODP group (14) (RFC 3526).
-    Modp2048,
-    /// 256-bit random ECP group (19) (RFC 5903).
-    Ecp256,
-    /// 384-bit random ECP group (20).
-    Ecp384,
-    /// Curve25519 (31) (RFC 8031).
-    Curve25519,
 }
 
 impl DhGroup {
-    pub const ALL: [DhGroup; 4] = [
-        DhGroup::Modp2048,
-        DhGroup::Ecp256,
-        DhGroup::Ecp384,
-        DhGroup::Curve25519,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DhGroup::Modp2048 => "modp2048",
-            DhGroup::Ecp256 => "ecp256",
-            DhGroup::Ecp384 => "ecp384",
-            DhGroup::Curve25519 => "x25519",
-        }
-    }
-
-    /// The group number, as in transforms and KE payloads.
-    pub fn id(self) -> u16 {
-        match self {
-            DhGroup::Modp2048 => 14,
-            DhGroup::Ecp256 => 19,
-            DhGroup::Ecp384 => 20,
-            DhGroup::Curve25519 => 31,
-        }
-    }
-
-    pub fn from_id(id: u16) -> Option<DhGroup> {
-        DhGroup::ALL.into_iter().find(|g| g.id() == id)
-    }
-
     pub fn to_transform(self) -> Transform {
-        Transform::new(TransformType::DH, self.id())
+        Transform::new(TransformType::DH, self.iana_id())
     }
 
     pub fn from_transform(t: &Transform) -> Option<DhGroup> {
         if t.transform_type != TransformType::DH || !t.attributes.is_empty() {
             return None;
         }
-        DhGroup::from_id(t.id)
+        DhGroup::from_iana_id(t.id)
     }
 }
 
@@ -562,12 +390,12 @@ fn keyword(token: &str) -> Option<Token> {
         "aes128gcm16" | "aes128gcm128" | "aes128gcm" => Token::Encryption(Encryption::Aes128Gcm16),
         "aes256gcm16" | "aes256gcm128" | "aes256gcm" => Token::Encryption(Encryption::Aes256Gcm16),
         "chacha20poly1305" => Token::Encryption(Encryption::ChaCha20Poly1305),
-        "sha256" | "sha2_256" => Token::Integrity(Integrity::HmacSha2_256_128),
-        "sha384" | "sha2_384" => Token::Integrity(Integrity::HmacSha2_384_192),
-        "sha512" | "sha2_512" => Token::Integrity(Integrity::HmacSha2_512_256),
-        "prfsha256" => Token::Prf(Prf::HmacSha2_256),
-        "prfsha384" => Token::Prf(Prf::HmacSha2_384),
-        "prfsha512" => Token::Prf(Prf::HmacSha2_512),
+        "sha256" | "sha2_256" => Token::Integrity(Integrity::HmacSha256_128),
+        "sha384" | "sha2_384" => Token::Integrity(Integrity::HmacSha384_192),
+        "sha512" | "sha2_512" => Token::Integrity(Integrity::HmacSha512_256),
+        "prfsha256" => Token::Prf(Prf::HmacSha256),
+        "prfsha384" => Token::Prf(Prf::HmacSha384),
+        "prfsha512" => Token::Prf(Prf::HmacSha512),
         "modp2048" => Token::Dh(DhGroup::Modp2048),
         "ecp256" => Token::Dh(DhGroup::Ecp256),
         "ecp384" => Token::Dh(DhGroup::Ecp384),
@@ -1130,7 +958,7 @@ pub fn accept_reply(
             Suite::Ike(s) => Some(s.dh),
             Suite::Esp(s) => s.dh,
         };
-        let chosen = chosen.map_or(TRANSFORM_NONE, DhGroup::id);
+        let chosen = chosen.map_or(TRANSFORM_NONE, DhGroup::iana_id);
         if chosen != ke_group {
             return Err(ReplyError::DhGroupMismatch { ke_group, chosen });
         }
@@ -1229,11 +1057,11 @@ fn match_proposal(
             } else {
                 let acceptable: Vec<DhGroup> = peer_groups
                     .iter()
-                    .filter_map(|id| DhGroup::from_id(*id))
+                    .filter_map(|id| DhGroup::from_iana_id(*id))
                     .filter(|g| mine.dh.contains(g))
                     .collect();
                 let chosen = ke_group
-                    .and_then(|k| acceptable.iter().copied().find(|g| g.id() == k))
+                    .and_then(|k| acceptable.iter().copied().find(|g| g.iana_id() == k))
                     .or_else(|| acceptable.first().copied())?;
                 (Some(chosen), Some(chosen.to_transform()))
             }

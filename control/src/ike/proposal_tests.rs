@@ -70,36 +70,36 @@ fn parses_the_ike_examples() {
     assert_eq!(p.protocol, Protocol::Ike);
     assert_eq!(p.encryption, [Encryption::Aes128Gcm16]);
     assert!(p.integrity.is_empty());
-    assert_eq!(p.prf, [Prf::HmacSha2_256]);
+    assert_eq!(p.prf, [Prf::HmacSha256]);
     assert_eq!(p.dh, [DhGroup::Curve25519]);
     assert!(p.esn.is_empty());
 
     let p = ike("aes256-sha256-modp2048");
     assert_eq!(p.encryption, [Encryption::Aes256Cbc]);
-    assert_eq!(p.integrity, [Integrity::HmacSha2_256_128]);
-    assert_eq!(p.prf, [Prf::HmacSha2_256], "sha256 implies prfsha256");
+    assert_eq!(p.integrity, [Integrity::HmacSha256_128]);
+    assert_eq!(p.prf, [Prf::HmacSha256], "sha256 implies prfsha256");
     assert_eq!(p.dh, [DhGroup::Modp2048]);
 
     let p = ike("aes128-sha256-ecp256");
     assert_eq!(p.encryption, [Encryption::Aes128Cbc]);
-    assert_eq!(p.integrity, [Integrity::HmacSha2_256_128]);
-    assert_eq!(p.prf, [Prf::HmacSha2_256]);
+    assert_eq!(p.integrity, [Integrity::HmacSha256_128]);
+    assert_eq!(p.prf, [Prf::HmacSha256]);
     assert_eq!(p.dh, [DhGroup::Ecp256]);
 
     let p = ike("aes256gcm16-prfsha384-ecp384");
     assert_eq!(p.encryption, [Encryption::Aes256Gcm16]);
-    assert_eq!(p.prf, [Prf::HmacSha2_384]);
+    assert_eq!(p.prf, [Prf::HmacSha384]);
     assert_eq!(p.dh, [DhGroup::Ecp384]);
 
     // An explicit PRF wins over the implied one.
     let p = ike("aes256-sha512-prfsha384-modp2048");
-    assert_eq!(p.integrity, [Integrity::HmacSha2_512_256]);
-    assert_eq!(p.prf, [Prf::HmacSha2_384]);
+    assert_eq!(p.integrity, [Integrity::HmacSha512_256]);
+    assert_eq!(p.prf, [Prf::HmacSha384]);
 
     // Several of each, in order; each integrity algorithm implies its PRF.
     let p = ike("aes128-aes256-sha256-sha384-modp2048-ecp256");
     assert_eq!(p.encryption, [Encryption::Aes128Cbc, Encryption::Aes256Cbc]);
-    assert_eq!(p.prf, [Prf::HmacSha2_256, Prf::HmacSha2_384]);
+    assert_eq!(p.prf, [Prf::HmacSha256, Prf::HmacSha384]);
     assert_eq!(p.dh, [DhGroup::Modp2048, DhGroup::Ecp256]);
 }
 
@@ -311,20 +311,20 @@ fn parses_lists() {
 
 #[test]
 fn transform_ids_are_iana_values() {
-    let t = |e: Encryption| (e.transform_id(), e.key_length_attribute());
+    let t = |e: Encryption| (e.iana_id(), e.key_length_attribute());
     assert_eq!(t(Encryption::Aes128Cbc), (12, Some(128)));
     assert_eq!(t(Encryption::Aes256Cbc), (12, Some(256)));
     assert_eq!(t(Encryption::Aes128Gcm16), (20, Some(128)));
     assert_eq!(t(Encryption::Aes256Gcm16), (20, Some(256)));
     assert_eq!(t(Encryption::ChaCha20Poly1305), (28, None));
-    assert_eq!(Prf::ALL.map(Prf::transform_id), [5, 6, 7]);
-    assert_eq!(Integrity::ALL.map(Integrity::transform_id), [12, 13, 14]);
-    assert_eq!(DhGroup::ALL.map(DhGroup::id), [14, 19, 20, 31]);
+    assert_eq!(Prf::ALL.map(Prf::iana_id), [5, 6, 7]);
+    assert_eq!(Integrity::ALL.map(Integrity::iana_id), [12, 13, 14]);
+    assert_eq!(DhGroup::ALL.map(DhGroup::iana_id), [14, 19, 20, 31]);
     assert_eq!([Esn::No, Esn::Yes].map(Esn::transform_id), [0, 1]);
     for g in DhGroup::ALL {
-        assert_eq!(DhGroup::from_id(g.id()), Some(g));
+        assert_eq!(DhGroup::from_iana_id(g.iana_id()), Some(g));
     }
-    assert_eq!(DhGroup::from_id(28), None);
+    assert_eq!(DhGroup::from_iana_id(28), None);
     assert_eq!(
         Encryption::Aes256Gcm16.aead_alg(),
         Some(AeadAlg::Aes256Gcm16)
@@ -483,7 +483,7 @@ fn picks_the_peers_second_proposal_when_the_first_does_not_fit() {
         Suite::Ike(IkeSuite {
             encryption: Encryption::Aes128Gcm16,
             integrity: None,
-            prf: Prf::HmacSha2_256,
+            prf: Prf::HmacSha256,
             dh: DhGroup::Ecp256,
         })
     );
@@ -590,7 +590,7 @@ fn the_peers_order_decides_among_alternatives() {
     let s = *select(&ours, &peer, NEGOTIATE).unwrap().ike().unwrap();
     assert_eq!(
         (s.encryption, s.prf),
-        (Encryption::Aes256Gcm16, Prf::HmacSha2_384)
+        (Encryption::Aes256Gcm16, Prf::HmacSha384)
     );
 
     // Proposals: the peer's first proposal wins even if it is our second.

@@ -1,32 +1,61 @@
 //! One IKE SA as a state machine without I/O (RFC 7296): IKE_SA_INIT and
 //! IKE_AUTH with a pre-shared key or with certificates ([`Auth`]; what is
 //! sent and checked: [`super::auth`]) and the first Child SA (ESP, AEAD,
-//! tunnel or transport mode), then CREATE_CHILD_SA for Child SAs (new or rekeyed,
-//! with optional PFS; both ends), and INFORMATIONAL liveness checks and
-//! deletes (both ends). Rekeying the IKE SA itself is not implemented: a
-//! peer's request gets NO_ADDITIONAL_SAS.
+//! tunnel or transport mode), then CREATE_CHILD_SA for more Child SAs, Child
+//! SA rekeys (optional PFS) and IKE SA rekeys (both ends each), and
+//! INFORMATIONAL liveness checks and deletes (both ends).
 //!
 //! The engine is driven as quinn-proto drives a connection:
 //!
 //! - inputs: [`IkeSa::handle`] with `(now, Datagram)` for every IKE message
-//!   the I/O layer routes to this SA (non-ESP marker already removed), and
-//!   [`IkeSa::handle_timeout`] when [`IkeSa::poll_timeout`]'s instant passes;
+//!   the I/O layer routes to this SA (non-ESP marker already removed; after
+//!   an IKE rekey, datagrams for every pair in [`IkeSa::all_spis`] go to
+//!   the same object), and [`IkeSa::handle_timeout`] when
+//!   [`IkeSa::poll_timeout`]'s instant passes;
 //! - outputs: [`IkeSa::poll_transmit`] (datagrams with the addresses to send
 //!   from and to: the engine answers from the address a request was sent
 //!   to, because bitw speaks as the terminal, and moves to port 4500 after
-//!   NAT detection; the I/O layer adds the non-ESP marker there),
-//!   [`IkeSa::poll_event`] ([`IkeEvent`]: SAs established, deleted, failed)
-//!   and [`IkeSa::stats`] (every rejected datagram, by reason).
+//!   NAT detection; the I/O layer adds the non-ESP marker there, except to
+//!   a NAT-T keepalive, whose payload is the single octet
+//!   [`NAT_KEEPALIVE`] and goes as it is, RFC 3948 §2.3),
+//!   [`IkeSa::poll_event`] ([`IkeEvent`]: SAs established, rekeyed,
+//!   deleted, failed; datagrams rejected) and [`IkeSa::stats`] (every
+//!   rejected datagram, by reason).
 //!
 //! A responder starts with [`IkeSa::responder`] and its first datagram (the
-//! IKE_SA_INIT request); an initiator with [`IkeSa::initiate`], which queues
-//! the IKE_SA_INIT request. Randomness (nonces, DH values, AEAD IV starts)
-//! and SPIs are injected ([`SpiAllocator`]), so tests run deterministically.
+//! IKE_SA_INIT request; [`super::cookie::CookieJar`] may vet it first); an
+//! initiator with [`IkeSa::initiate`], which queues the IKE_SA_INIT request.
+//! Randomness (nonces, DH values, AEAD IV starts, timer jitter) and SPIs are
+//! injected ([`SpiAllocator`]), so tests run deterministically.
+//!
+//! Our requests go one at a time (window 1): [`IkeSa::create_child`],
+//! [`IkeSa::rekey_child`], [`IkeSa::rekey_ike`], [`IkeSa::delete_child`],
+//! [`IkeSa::send_liveness_check`] and [`IkeSa::delete`] queue behind an
+//! outstanding request and go in order. The timers of [`Config`] and
+//! [`ChildConfig`] run inside: Child SA rekeys (less up to 10 % at random,
+//! so both ends do not collide) and deletes at their life time, IKE SA
+//! rekeys, liveness checks when the peer was silent for `dpd_delay` (no
+//! answer: [`IkeEvent::Failed`] with reason `"timeout"`), NAT-T keepalives.
+//! After a Child SA rekey we initiated, the engine deletes the old SA.
+//!
+//! An IKE rekey (RFC 7296 §2.18) keeps this object: it continues as the new
+//! IKE SA (new SPIs and keys, message IDs from 0, the same Child SAs) and
+//! keeps the old SA's keys, SPIs and message IDs until the old SA's Delete
+//! is done (sent by the rekey's initiator, answered by the responder) or
+//! given up. Simultaneous IKE rekeys (§2.8.2, as strongSwan does them):
+//! both requests are answered, and once both exchanges are done the new SA
+//! created with the lowest of the four nonces loses: its creator deletes
+//! it, the other new SA stays and its creator deletes the old one. If the
+//! peer's exchange completes and it deletes the old SA before answering
+//! ours, its new SA stays and ours is dropped; a request to rekey an SA
+//! that was already rekeyed gets TEMPORARY_FAILURE (§2.25.2). Simultaneous
+//! Child SA rekeys are not resolved: both new SAs stay (both work) and both
+//! old ones go.
 //!
 //! Nothing a peer sends can make the engine panic: every datagram is checked
 //! by the message decoder, SK payloads are opened before their content is
 //! believed, and a rejected datagram leaves the state as it was (apart from
-//! the counter that records why).
+//! the counter that records why and an [`IkeEvent::Rejected`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -45,7 +74,7 @@ use crate::ike::message::{
     NotifyPayload, NotifyType, Payload, PayloadType, PayloadsExt, ProtocolId, TrafficSelector,
     TsPayload, TsRange,
 };
-use crate::ike::proposal::{self, accept_reply, offer, select, DhMode, Proposal};
+use crate::ike::proposal::{self, accept_reply, offer, select, DhGroup, DhMode, Proposal};
 
 /// Nonce length we send (RFC 7296 §2.10: at least half the PRF's key size,
 /// at least 128 bits; 32 octets covers every PRF bitw offers).
@@ -57,6 +86,13 @@ const MAX_RETRANSMIT_INTERVAL: Duration = Duration::from_secs(120);
 /// How long a responder waits for IKE_AUTH after answering IKE_SA_INIT
 /// before it drops the half-open SA (and its DH secret).
 pub const HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A NAT-T keepalive's only octet (RFC 3948 §2.3).
+pub const NAT_KEEPALIVE: u8 = 0xff;
+/// How long after a failed rekey we try again.
+const REKEY_RETRY: Duration = Duration::from_secs(30);
+/// How long the old IKE SA waits for its Delete after a rekey the peer
+/// initiated (the peer may also retransmit the rekey request meanwhile).
+const OLD_IKE_SA_WAIT: Duration = Duration::from_secs(60);
 /// How often an initiator follows a COOKIE request before giving up.
 const MAX_COOKIE_ROUNDS: u8 = 2;
 
@@ -176,27 +212,32 @@ impl Retransmit {
     }
 }
 
-/// SA lifetimes; stored for the rekeying that is not implemented yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lifetimes {
-    pub ike_rekey: Duration,
-    pub child_rekey: Duration,
-}
-
-impl Default for Lifetimes {
-    fn default() -> Lifetimes {
-        Lifetimes {
-            ike_rekey: Duration::from_secs(4 * 3600),
-            child_rekey: Duration::from_secs(3600),
-        }
-    }
+/// One Child SA a connection can set up: what it carries and how long its
+/// keys live.
+#[derive(Debug, Clone)]
+pub struct ChildConfig {
+    /// The Child SA's name, for events and [`IkeSa::create_child`].
+    pub name: String,
+    /// ESP proposals; AEAD only (the dataplane's transforms). A DH group in
+    /// them means PFS for CREATE_CHILD_SA.
+    pub esp_proposals: Vec<Proposal>,
+    /// Our side's traffic selectors.
+    pub local_ts: Vec<TsRange>,
+    /// The peer's side's traffic selectors.
+    pub remote_ts: Vec<TsRange>,
+    pub mode: ChildMode,
+    /// Rekey this long after the Child SA was established (None: never).
+    pub rekey_time: Option<Duration>,
+    /// Delete it this long after establishment if no rekey succeeded (None:
+    /// never). strongSwan's default is rekey_time * 1.1.
+    pub life_time: Option<Duration>,
 }
 
 /// One connection: who we are, who the peer must be, the key, what we
-/// accept, and the one Child SA.
+/// accept, its Child SAs and its timers.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The connection's (and its Child SA's) name, for events.
+    /// The connection's name, for events.
     pub name: String,
     pub local_id: Identity,
     pub remote_id: Identity,
@@ -209,14 +250,16 @@ pub struct Config {
     pub auth: Auth,
     /// IKE proposals, in order of preference ([`proposal::parse_proposals`]).
     pub ike_proposals: Vec<Proposal>,
-    /// ESP proposals; AEAD only (the dataplane's transforms).
-    pub esp_proposals: Vec<Proposal>,
-    /// Our side's traffic selectors of the Child SA.
-    pub local_ts: Vec<TsRange>,
-    /// The peer's side's traffic selectors of the Child SA.
-    pub remote_ts: Vec<TsRange>,
-    pub mode: ChildMode,
-    pub lifetimes: Lifetimes,
+    /// The Child SAs, in order of preference: a responder takes the first
+    /// whose selectors meet the initiator's.
+    pub children: Vec<ChildConfig>,
+    /// Rekey the IKE SA this long after it was established (None: never).
+    pub ike_rekey_time: Option<Duration>,
+    /// Send a liveness check when nothing came from the peer for this long
+    /// (None: never).
+    pub dpd_delay: Option<Duration>,
+    /// With a NAT detected: send a NAT-T keepalive this often (None: never).
+    pub keepalive_interval: Option<Duration>,
     pub retransmit: Retransmit,
 }
 
@@ -319,6 +362,11 @@ pub struct ChildSaEstablished {
     /// The inbound SPI of the Child SA this one replaces (CREATE_CHILD_SA
     /// with REKEY_SA); the old SA stays until its Delete.
     pub rekeys: Option<u32>,
+    /// We sent the request of the exchange that made this SA. For a rekey it
+    /// says when to move outbound traffic to the new SA (make-before-break):
+    /// at once when we initiated (the peer installed the new inbound SA
+    /// before it answered), after the old SA's Delete when the peer did.
+    pub initiated: bool,
     /// Keys of packets the peer sends us (key then salt).
     pub inbound_keys: EspKeys,
     /// Keys of packets we send the peer.
@@ -350,7 +398,8 @@ pub enum IkeEvent {
         initial_contact: bool,
     },
     ChildSaEstablished(ChildSaEstablished),
-    /// The Child SA of IKE_AUTH was refused; the IKE SA stays.
+    /// A Child SA could not be set up or rekeyed (IKE_AUTH's, or a
+    /// CREATE_CHILD_SA); the IKE SA stays.
     ChildSaFailed {
         name: String,
         reason: &'static str,
@@ -368,6 +417,18 @@ pub enum IkeEvent {
     },
     /// The IKE SA was deleted (by either side); the engine is closed.
     Deleted,
+    /// The IKE SA was rekeyed (RFC 7296 §2.18): the new SPIs are in use, the
+    /// Child SAs moved over. The old SPIs stay in [`IkeSa::all_spis`] until
+    /// the old SA's Delete is done.
+    IkeSaRekeyed {
+        old_spis: (u64, u64),
+        new_spis: (u64, u64),
+    },
+    /// A datagram was rejected (also counted in [`Stats::rejected`]).
+    Rejected {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// Counters: every datagram rejected, by reason (decode errors' reasons,
@@ -383,6 +444,9 @@ pub struct Stats {
     pub retransmits_answered: u64,
     /// Our requests sent again after a timeout.
     pub retransmits_sent: u64,
+    /// Our IKE SA rekeys that were refused or could not be sent (each is
+    /// tried again later).
+    pub ike_rekeys_failed: u64,
 }
 
 impl Stats {
@@ -440,6 +504,8 @@ struct InitExchange {
     child_spi: u32,
     /// The hashes of the peer's SIGNATURE_HASH_ALGORITHMS (RFC 7427), if sent.
     peer_sig_hashes: Option<Vec<u16>>,
+    /// Initiator: the child config IKE_AUTH sets up.
+    child: usize,
 }
 
 /// The last response we sent, for retransmitted requests (window size 1).
@@ -456,8 +522,24 @@ enum RequestKind {
     Auth,
     Liveness,
     DeleteIke,
+    DeleteChild {
+        inbound_spi: u32,
+    },
+    /// CREATE_CHILD_SA for a new or a rekeyed Child SA ([`ChildExchange`]).
+    CreateChild,
+    /// CREATE_CHILD_SA rekeying the IKE SA ([`IkeRekey`]).
+    RekeyIke,
+}
+
+/// A request waiting for the window (one request at a time, RFC 7296 §2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    CreateChild { config: usize },
+    RekeyChild { inbound_spi: u32 },
+    RekeyIke,
     DeleteChild { inbound_spi: u32 },
-    RekeyChild,
+    Liveness,
+    DeleteIke,
 }
 
 struct Pending {
@@ -472,21 +554,93 @@ struct Pending {
 #[derive(Debug, Clone)]
 struct ChildSa {
     name: String,
+    /// Index into `config.children`.
+    config: usize,
     inbound_spi: u32,
     outbound_spi: u32,
     mode: ChildMode,
     local_ts: Vec<TsRange>,
     remote_ts: Vec<TsRange>,
+    /// When we rekey it (cleared once a rekey is under way or done).
+    rekey_at: Option<Instant>,
+    /// When we delete it if it is still there.
+    expire_at: Option<Instant>,
 }
 
-/// Our CREATE_CHILD_SA request that rekeys a Child SA, until answered.
-struct ChildRekey {
-    old_inbound_spi: u32,
+/// Our CREATE_CHILD_SA request for a new or rekeyed Child SA, until
+/// answered.
+struct ChildExchange {
+    config: usize,
+    /// Rekeying: the old SA's inbound SPI.
+    rekeys: Option<u32>,
     new_inbound_spi: u32,
     ni: Vec<u8>,
     /// With PFS: our DH pair.
     dh: Option<KeyPair>,
     mode: ChildMode,
+    /// Sent again with the group an INVALID_KE_PAYLOAD asked for.
+    ke_retried: bool,
+}
+
+/// Our CREATE_CHILD_SA request rekeying the IKE SA, until answered.
+struct IkeRekey {
+    new_spi: u64,
+    ni: Vec<u8>,
+    dh: KeyPair,
+    /// Sent again with the group an INVALID_KE_PAYLOAD asked for.
+    ke_retried: bool,
+}
+
+/// The new IKE SA of the peer's rekey that we answered while ours was
+/// outstanding (RFC 7296 §2.8.2): which of the two stays is decided when
+/// ours is answered.
+struct PeerRekey {
+    generation: Generation,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+}
+
+/// One IKE SA's SPIs, keys and message windows. After an IKE rekey the
+/// object holds two: the new one in use and the old one until its Delete.
+struct Generation {
+    /// Who initiated this IKE SA: the original initiator, or after a rekey
+    /// whoever initiated the rekey (RFC 7296 §2.18). It sets the I flag and
+    /// which keys are "initiator" keys.
+    role: Role,
+    spi_i: u64,
+    spi_r: u64,
+    suite: Option<proposal::IkeSuite>,
+    keys: Option<IkeSaKeys>,
+    /// Message ID of the next request the peer may send.
+    peer_next_id: u32,
+    cached: Option<CachedResponse>,
+    /// Message ID of our next request.
+    our_next_id: u32,
+    pending: Option<Pending>,
+}
+
+impl Generation {
+    fn new(role: Role) -> Generation {
+        Generation {
+            role,
+            spi_i: 0,
+            spi_r: 0,
+            suite: None,
+            keys: None,
+            peer_next_id: 0,
+            cached: None,
+            our_next_id: 0,
+            pending: None,
+        }
+    }
+}
+
+/// An IKE SA replaced by a rekey (or the loser of simultaneous rekeys),
+/// until its Delete is done.
+struct OldSa {
+    generation: Generation,
+    /// Dropped then even without a Delete.
+    deadline: Instant,
 }
 
 /// What a Child SA's keys derive from (RFC 7296 §2.17).
@@ -529,29 +683,38 @@ fn failure(reason: &'static str, detail: impl fmt::Display) -> Failure {
 /// One IKE SA. See the module documentation.
 pub struct IkeSa {
     config: Config,
-    role: Role,
+    /// Whether we are the original initiator (the first IKE SA's role).
+    original_role: Role,
     state: State,
     rng: Box<dyn CryptoRngCore + Send>,
     spis: Box<dyn SpiAllocator>,
-    spi_i: u64,
-    spi_r: u64,
+    /// The IKE SA in use.
+    cur: Generation,
+    /// IKE SAs a rekey replaced, until their Deletes are done.
+    olds: Vec<OldSa>,
+    /// A datagram of the old IKE SA is being handled (`cur` and `old` are
+    /// swapped meanwhile).
+    on_old: bool,
+    /// The old IKE SA's Delete is done: drop it.
+    old_done: bool,
     local: SocketAddr,
     remote: SocketAddr,
     nat_detected: bool,
     init: InitExchange,
-    suite: Option<proposal::IkeSuite>,
-    keys: Option<IkeSaKeys>,
-    /// Message ID of the next request the peer may send.
-    peer_next_id: u32,
-    cached: Option<CachedResponse>,
-    /// Message ID of our next request.
-    our_next_id: u32,
-    pending: Option<Pending>,
-    /// Our Child SA rekey in flight.
-    child_rekey: Option<ChildRekey>,
+    /// Our CREATE_CHILD_SA for a Child SA in flight.
+    child_exchange: Option<ChildExchange>,
+    /// Our IKE SA rekey in flight.
+    ike_rekey: Option<IkeRekey>,
+    /// The peer's IKE SA rekey answered while ours was in flight.
+    peer_rekey: Option<PeerRekey>,
     /// Responder: when the half-open SA is dropped without IKE_AUTH.
     half_open_deadline: Option<Instant>,
     children: Vec<ChildSa>,
+    /// Our requests waiting for the window.
+    queue: VecDeque<Queued>,
+    ike_rekey_at: Option<Instant>,
+    dpd_at: Option<Instant>,
+    keepalive_at: Option<Instant>,
     transmit: VecDeque<Datagram>,
     events: VecDeque<IkeEvent>,
     stats: Stats,
@@ -561,10 +724,10 @@ impl fmt::Debug for IkeSa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IkeSa")
             .field("name", &self.config.name)
-            .field("role", &self.role)
+            .field("role", &self.cur.role)
             .field("state", &self.state)
-            .field("spi_i", &format_args!("{:016x}", self.spi_i))
-            .field("spi_r", &format_args!("{:016x}", self.spi_r))
+            .field("spi_i", &format_args!("{:016x}", self.cur.spi_i))
+            .field("spi_r", &format_args!("{:016x}", self.cur.spi_r))
             .field("local", &self.local)
             .field("remote", &self.remote)
             .finish_non_exhaustive()
@@ -586,21 +749,29 @@ impl IkeSa {
     }
 
     /// An initiator: allocates our SPI, queues the IKE_SA_INIT request to
-    /// `remote` from `local` and arms its retransmission.
+    /// `remote` from `local` and arms its retransmission. IKE_AUTH sets up
+    /// the Child SA of `config.children` named `child`; without one of that
+    /// name the SA fails at once with reason `"config"`.
     pub fn initiate(
         now: Instant,
         config: Config,
+        child: &str,
         local: SocketAddr,
         remote: SocketAddr,
         rng: Box<dyn CryptoRngCore + Send>,
         spis: Box<dyn SpiAllocator>,
     ) -> IkeSa {
         let mut sa = IkeSa::new(config, Role::Initiator, local, remote, rng, spis);
-        sa.spi_i = sa.spis.ike_spi();
+        sa.cur.spi_i = sa.spis.ike_spi();
         sa.state = State::InitSent;
         let mut ni = vec![0u8; OUR_NONCE_LEN];
         sa.rng.fill_bytes(&mut ni);
         sa.init.ni = ni;
+        let Some(index) = sa.child_index(child) else {
+            sa.fail(failure("config", format!("no Child SA named {child:?}")));
+            return sa;
+        };
+        sa.init.child = index;
         match proposal::preferred_dh_group(&sa.config.ike_proposals) {
             Some(group) => {
                 if let Err(f) = sa.send_init_request(now, group) {
@@ -622,25 +793,27 @@ impl IkeSa {
     ) -> IkeSa {
         IkeSa {
             config,
-            role,
+            original_role: role,
             state: State::AwaitInit,
             rng,
             spis,
-            spi_i: 0,
-            spi_r: 0,
+            cur: Generation::new(role),
+            olds: Vec::new(),
+            on_old: false,
+            old_done: false,
             local,
             remote,
             nat_detected: false,
             init: InitExchange::default(),
-            suite: None,
-            keys: None,
-            peer_next_id: 0,
-            cached: None,
-            our_next_id: 0,
-            pending: None,
+            child_exchange: None,
+            ike_rekey: None,
+            peer_rekey: None,
             half_open_deadline: None,
-            child_rekey: None,
             children: Vec::new(),
+            queue: VecDeque::new(),
+            ike_rekey_at: None,
+            dpd_at: None,
+            keepalive_at: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
@@ -649,10 +822,22 @@ impl IkeSa {
 
     // -------------------------------------------------------------- API
 
-    /// The IKE SPIs as in the header (initiator's, responder's; 0 while
-    /// unknown): the I/O layer routes datagrams by them.
+    /// The IKE SPIs of the IKE SA in use, as in the header (initiator's,
+    /// responder's; 0 while unknown): the I/O layer routes datagrams by them.
     pub fn spis(&self) -> (u64, u64) {
-        (self.spi_i, self.spi_r)
+        (self.cur.spi_i, self.cur.spi_r)
+    }
+
+    /// Every SPI pair this object answers to now: the IKE SA in use and,
+    /// after a rekey until its Delete is done, the old one.
+    pub fn all_spis(&self) -> Vec<(u64, u64)> {
+        let mut all = vec![self.spis()];
+        all.extend(
+            self.olds
+                .iter()
+                .map(|o| (o.generation.spi_i, o.generation.spi_r)),
+        );
+        all
     }
 
     pub fn is_established(&self) -> bool {
@@ -688,20 +873,39 @@ impl IkeSa {
         self.events.pop_front()
     }
 
-    /// When [`handle_timeout`](IkeSa::handle_timeout) is due.
+    /// When [`handle_timeout`](IkeSa::handle_timeout) is due: the earliest
+    /// of the retransmissions (of both IKE SAs during a rekey), the
+    /// half-open limit, the old IKE SA's limit, the rekey and life times of
+    /// the Child SAs, the IKE SA's rekey, DPD and NAT-T keepalives.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let half_open = self
-            .half_open_deadline
-            .filter(|_| self.state == State::AwaitAuth);
-        match (self.pending.as_ref().map(|p| p.deadline), half_open) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        if self.state == State::Closed {
+            return None;
         }
+        let mut deadlines: Vec<Option<Instant>> = vec![
+            self.cur.pending.as_ref().map(|p| p.deadline),
+            self.half_open_deadline
+                .filter(|_| self.state == State::AwaitAuth),
+        ];
+        for old in &self.olds {
+            deadlines.push(Some(old.deadline));
+            deadlines.push(old.generation.pending.as_ref().map(|p| p.deadline));
+        }
+        if self.state == State::Established {
+            deadlines.extend([self.ike_rekey_at, self.dpd_at, self.keepalive_at]);
+            for child in &self.children {
+                deadlines.extend([child.rekey_at, child.expire_at]);
+            }
+        }
+        deadlines.into_iter().flatten().min()
     }
 
-    /// Retransmits our outstanding request, or gives up after the
-    /// configured tries.
+    /// Runs what is due: retransmits our outstanding request (or gives up
+    /// after the configured tries), drops a half-open SA, and starts the
+    /// rekeys, deletes, liveness checks and keepalives the timers ask for.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
         if self.state == State::AwaitAuth && self.half_open_deadline.is_some_and(|d| now >= d) {
             self.fail(failure(
                 "half_open_timeout",
@@ -709,11 +913,322 @@ impl IkeSa {
             ));
             return;
         }
-        let Some(pending) = self.pending.as_mut() else {
+        if let Err(detail) = self.retransmit_due(now) {
+            self.fail(failure("timeout", detail));
             return;
+        }
+        for index in (0..self.olds.len()).rev() {
+            let expired = now >= self.olds[index].deadline;
+            // An old SA's Delete going unanswered ends that SA only.
+            let gave_up = self
+                .with_old(index, |sa| sa.retransmit_due(now).is_err())
+                .unwrap_or(false);
+            if (expired || gave_up) && index < self.olds.len() {
+                let old = self.olds.remove(index);
+                self.drop_old(old);
+            }
+        }
+        if self.state == State::Established {
+            self.run_timers(now);
+        }
+        self.drive(now);
+    }
+
+    /// Handles one received IKE message.
+    pub fn handle(&mut self, now: Instant, datagram: Datagram) {
+        let was_awaiting_init = self.state == State::AwaitInit;
+        let result = if let Some(index) = self.old_index(&datagram.payload) {
+            self.with_old(index, |sa| sa.dispatch(now, &datagram))
+                .unwrap_or(Ok(()))
+        } else {
+            self.dispatch(now, &datagram)
+        };
+        match result {
+            Ok(()) => {
+                // Anything authentic from the peer shows it alive (DPD).
+                if self.state == State::Established {
+                    self.dpd_at = self.config.dpd_delay.map(|d| later(now, d));
+                }
+            }
+            Err(r) => {
+                *self.stats.rejected.entry(r.reason).or_insert(0) += 1;
+                self.events.push_back(IkeEvent::Rejected {
+                    reason: r.reason,
+                    detail: describe_datagram(&datagram),
+                });
+            }
+        }
+        if was_awaiting_init && self.state == State::AwaitAuth {
+            self.half_open_deadline = Some(later(now, HALF_OPEN_TIMEOUT));
+        }
+        self.drive(now);
+    }
+
+    /// Sends an empty INFORMATIONAL request (RFC 7296 §1.4): the peer must
+    /// answer. Without an answer after the retries the SA fails with
+    /// reason `"timeout"`. Queued while another request is outstanding;
+    /// `false` when the SA is not established.
+    pub fn send_liveness_check(&mut self, now: Instant) -> bool {
+        self.request(now, Queued::Liveness)
+    }
+
+    /// Deletes the IKE SA (and its Child SAs) with the peer. The SA closes
+    /// with [`IkeEvent::Deleted`] when the peer answers, or fails on timeout.
+    /// Queued behind an outstanding request.
+    pub fn delete(&mut self, now: Instant) -> bool {
+        self.request(now, Queued::DeleteIke)
+    }
+
+    /// Deletes the Child SA whose inbound SPI is `inbound_spi`; queued
+    /// behind an outstanding request (asking twice queues it once).
+    /// `false` when the SA is not established or there is no such Child SA.
+    pub fn delete_child(&mut self, now: Instant, inbound_spi: u32) -> bool {
+        if !self.children.iter().any(|c| c.inbound_spi == inbound_spi) {
+            return false;
+        }
+        self.request(now, Queued::DeleteChild { inbound_spi })
+    }
+
+    /// Rekeys the Child SA whose inbound SPI is `inbound_spi` with a
+    /// CREATE_CHILD_SA exchange (RFC 7296 §2.8), with PFS when its ESP
+    /// proposals name a DH group. The new SA comes as
+    /// [`IkeEvent::ChildSaEstablished`] with `rekeys` set, and the engine
+    /// then deletes the old one itself (a [`delete_child`](IkeSa::delete_child)
+    /// of it by the caller is harmless); a refusal comes as
+    /// [`IkeEvent::ChildSaFailed`] and the old SA stays. Queued behind an
+    /// outstanding request; `false` when the SA is not established or there
+    /// is no such Child SA.
+    pub fn rekey_child(&mut self, now: Instant, inbound_spi: u32) -> bool {
+        let Some(child) = self
+            .children
+            .iter_mut()
+            .find(|c| c.inbound_spi == inbound_spi)
+        else {
+            return false;
+        };
+        if self.state != State::Established {
+            return false;
+        }
+        child.rekey_at = None;
+        self.request(now, Queued::RekeyChild { inbound_spi })
+    }
+
+    /// Sets up another Child SA of `config.children` named `child` with a
+    /// CREATE_CHILD_SA exchange (with PFS when its ESP proposals name a DH
+    /// group): [`IkeEvent::ChildSaEstablished`] (`rekeys: None`) or
+    /// [`IkeEvent::ChildSaFailed`]. Queued behind an outstanding request;
+    /// `false` when the SA is not established or no child has that name.
+    pub fn create_child(&mut self, now: Instant, child: &str) -> bool {
+        match self.child_index(child) {
+            Some(config) => self.request(now, Queued::CreateChild { config }),
+            None => false,
+        }
+    }
+
+    /// Rekeys the IKE SA (RFC 7296 §1.3.2, §2.18): CREATE_CHILD_SA with our
+    /// new SPI, a nonce and a KE of the current group. When answered, this
+    /// object continues as the new IKE SA ([`IkeEvent::IkeSaRekeyed`]) and
+    /// deletes the old one. Queued behind an outstanding request; `false`
+    /// when the SA is not established.
+    pub fn rekey_ike(&mut self, now: Instant) -> bool {
+        self.request(now, Queued::RekeyIke)
+    }
+
+    // -------------------------------------------------------------- queue and timers
+
+    fn child_index(&self, name: &str) -> Option<usize> {
+        self.config.children.iter().position(|c| c.name == name)
+    }
+
+    fn request(&mut self, now: Instant, q: Queued) -> bool {
+        if self.state != State::Established {
+            return false;
+        }
+        self.enqueue(q);
+        self.drive(now);
+        true
+    }
+
+    /// Queues `q` unless the same request is already queued or
+    /// outstanding (a new Child SA is never a duplicate).
+    fn enqueue(&mut self, q: Queued) {
+        let outstanding = match q {
+            Queued::CreateChild { .. } => false,
+            Queued::RekeyChild { inbound_spi } => self
+                .child_exchange
+                .as_ref()
+                .is_some_and(|c| c.rekeys == Some(inbound_spi)),
+            Queued::RekeyIke => self.ike_rekey.is_some(),
+            Queued::DeleteChild { inbound_spi } => self
+                .cur
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.kind == RequestKind::DeleteChild { inbound_spi }),
+            Queued::Liveness => self
+                .cur
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.kind == RequestKind::Liveness),
+            Queued::DeleteIke => self
+                .cur
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.kind == RequestKind::DeleteIke),
+        };
+        let queued = !matches!(q, Queued::CreateChild { .. }) && self.queue.contains(&q);
+        if !outstanding && !queued {
+            self.queue.push_back(q);
+        }
+    }
+
+    /// Sends queued requests while the window is free.
+    fn drive(&mut self, now: Instant) {
+        while self.state == State::Established && self.cur.pending.is_none() {
+            let Some(&next) = self.queue.front() else {
+                return;
+            };
+            // One Child SA exchange at a time (one may still be answered
+            // under the old IKE SA), and no IKE rekey before the last one's
+            // old SA is gone.
+            let wait = match next {
+                Queued::CreateChild { .. } | Queued::RekeyChild { .. } => {
+                    self.child_exchange.is_some()
+                }
+                Queued::RekeyIke => !self.olds.is_empty() || self.ike_rekey.is_some(),
+                _ => false,
+            };
+            if wait {
+                return;
+            }
+            self.queue.pop_front();
+            self.start(now, next);
+        }
+    }
+
+    fn start(&mut self, now: Instant, q: Queued) {
+        match q {
+            Queued::CreateChild { config } => {
+                if let Err(f) = self.send_create_child(now, config, None, None) {
+                    self.child_failed(config, f.reason);
+                }
+            }
+            Queued::RekeyChild { inbound_spi } => {
+                let Some(old) = self
+                    .children
+                    .iter()
+                    .find(|c| c.inbound_spi == inbound_spi)
+                    .cloned()
+                else {
+                    return;
+                };
+                if let Err(f) = self.send_create_child(now, old.config, Some(&old), None) {
+                    self.child_failed(old.config, f.reason);
+                }
+            }
+            Queued::RekeyIke => {
+                if self.send_ike_rekey(now, None).is_err() {
+                    self.ike_rekey_failed(now);
+                }
+            }
+            Queued::DeleteChild { inbound_spi } => {
+                if self.children.iter().any(|c| c.inbound_spi == inbound_spi) {
+                    self.send_informational(
+                        now,
+                        RequestKind::DeleteChild { inbound_spi },
+                        vec![Payload::Delete(DeletePayload::esp(&[inbound_spi]))],
+                    );
+                }
+            }
+            Queued::Liveness => {
+                self.send_informational(now, RequestKind::Liveness, Vec::new());
+            }
+            Queued::DeleteIke => {
+                self.send_informational(
+                    now,
+                    RequestKind::DeleteIke,
+                    vec![Payload::Delete(DeletePayload::ike())],
+                );
+            }
+        }
+    }
+
+    /// `now + wait` less up to a tenth of `wait` at random, as strongSwan's
+    /// rekey jitter: both ends with the same times do not collide.
+    fn jittered(&mut self, now: Instant, wait: Duration) -> Instant {
+        let tenth = u64::try_from(wait.as_millis() / 10).unwrap_or(u64::MAX);
+        let jitter = if tenth == 0 {
+            0
+        } else {
+            self.rng.next_u64() % (tenth + 1)
+        };
+        later(now, wait.saturating_sub(Duration::from_millis(jitter)))
+    }
+
+    /// Arms the IKE SA's timers when it is (newly) in use.
+    fn arm_ike_timers(&mut self, now: Instant) {
+        self.ike_rekey_at = self.config.ike_rekey_time.map(|t| self.jittered(now, t));
+        self.dpd_at = self.config.dpd_delay.map(|d| later(now, d));
+        self.keepalive_at = self
+            .config
+            .keepalive_interval
+            .filter(|_| self.nat_detected)
+            .map(|i| later(now, i));
+    }
+
+    fn run_timers(&mut self, now: Instant) {
+        let due = |t: &mut Option<Instant>| {
+            if t.is_some_and(|t| now >= t) {
+                *t = None;
+                true
+            } else {
+                false
+            }
+        };
+        let mut requests = Vec::new();
+        for child in &mut self.children {
+            if due(&mut child.rekey_at) {
+                requests.push(Queued::RekeyChild {
+                    inbound_spi: child.inbound_spi,
+                });
+            }
+            if due(&mut child.expire_at) {
+                requests.push(Queued::DeleteChild {
+                    inbound_spi: child.inbound_spi,
+                });
+            }
+        }
+        if due(&mut self.ike_rekey_at) {
+            requests.push(Queued::RekeyIke);
+        }
+        if due(&mut self.dpd_at) {
+            self.dpd_at = self.config.dpd_delay.map(|d| later(now, d));
+            // An outstanding or queued request checks liveness already.
+            if self.cur.pending.is_none() && self.queue.is_empty() {
+                requests.push(Queued::Liveness);
+            }
+        }
+        for q in requests {
+            self.enqueue(q);
+        }
+        if due(&mut self.keepalive_at) {
+            self.keepalive_at = self.config.keepalive_interval.map(|i| later(now, i));
+            // RFC 3948 §2.3: one octet 0xff, sent without the non-ESP marker.
+            self.transmit.push_back(Datagram {
+                src: self.local,
+                dst: self.remote,
+                payload: vec![NAT_KEEPALIVE],
+            });
+        }
+    }
+
+    /// Retransmits the current generation's outstanding request if due;
+    /// `Err` (with the log detail) once the tries are used up.
+    fn retransmit_due(&mut self, now: Instant) -> Result<(), String> {
+        let Some(pending) = self.cur.pending.as_mut() else {
+            return Ok(());
         };
         if now < pending.deadline {
-            return;
+            return Ok(());
         }
         let retransmit = self.config.retransmit;
         if pending.sent >= retransmit.tries.max(1) {
@@ -721,128 +1236,71 @@ impl IkeSa {
                 "no answer to {:?} after {} transmissions",
                 pending.kind, pending.sent
             );
-            self.pending = None;
-            self.fail(failure("timeout", detail));
-            return;
+            self.cur.pending = None;
+            return Err(detail);
         }
         pending.sent += 1;
         pending.deadline = later(now, retransmit.interval(pending.sent));
         self.transmit.push_back(pending.datagram.clone());
         self.stats.retransmits_sent += 1;
+        Ok(())
     }
 
-    /// Handles one received IKE message.
-    pub fn handle(&mut self, now: Instant, datagram: Datagram) {
-        let was_awaiting_init = self.state == State::AwaitInit;
-        if let Err(r) = self.dispatch(now, &datagram) {
-            *self.stats.rejected.entry(r.reason).or_insert(0) += 1;
-        }
-        if was_awaiting_init && self.state == State::AwaitAuth {
-            self.half_open_deadline = Some(later(now, HALF_OPEN_TIMEOUT));
-        }
-    }
-
-    /// Sends an empty INFORMATIONAL request (RFC 7296 §1.4): the peer must
-    /// answer. Without an answer after the retries the SA fails.
-    pub fn send_liveness_check(&mut self, now: Instant) -> bool {
-        self.send_informational(now, RequestKind::Liveness, Vec::new())
-    }
-
-    /// Deletes the IKE SA (and its Child SAs) with the peer. The SA closes
-    /// with [`IkeEvent::Deleted`] when the peer answers, or fails on timeout.
-    pub fn delete(&mut self, now: Instant) -> bool {
-        self.send_informational(
-            now,
-            RequestKind::DeleteIke,
-            vec![Payload::Delete(DeletePayload::ike())],
-        )
-    }
-
-    /// Deletes the Child SA whose inbound SPI is `inbound_spi`.
-    pub fn delete_child(&mut self, now: Instant, inbound_spi: u32) -> bool {
-        if !self.children.iter().any(|c| c.inbound_spi == inbound_spi) {
-            return false;
-        }
-        self.send_informational(
-            now,
-            RequestKind::DeleteChild { inbound_spi },
-            vec![Payload::Delete(DeletePayload::esp(&[inbound_spi]))],
-        )
-    }
-
-    /// Rekeys the Child SA whose inbound SPI is `inbound_spi` with a
-    /// CREATE_CHILD_SA exchange (RFC 7296 §2.8), with PFS when the ESP
-    /// proposals name a DH group. The new SA comes as
-    /// [`IkeEvent::ChildSaEstablished`] with `rekeys` set; the old one stays
-    /// until [`delete_child`](IkeSa::delete_child) removes it, which the
-    /// caller does once the new one is installed. `false` when the SA is not
-    /// established, a request is outstanding, or there is no such Child SA.
-    pub fn rekey_child(&mut self, now: Instant, inbound_spi: u32) -> bool {
-        if self.state != State::Established || self.pending.is_some() {
-            return false;
-        }
-        let Some(old) = self
-            .children
+    /// Which old IKE SA a datagram names by its SPIs, if any.
+    fn old_index(&self, payload: &[u8]) -> Option<usize> {
+        let spi_i = u64::from_be_bytes(payload.get(0..8)?.try_into().ok()?);
+        let spi_r = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
+        self.olds
             .iter()
-            .find(|c| c.inbound_spi == inbound_spi)
-            .cloned()
-        else {
-            return false;
-        };
-        let group = proposal::preferred_dh_group(&self.config.esp_proposals);
-        let dh = match group.and_then(|g| dh::DhGroup::from_iana_id(g.id())) {
-            Some(g) => match KeyPair::generate(g, &mut *self.rng) {
-                Ok(pair) => Some(pair),
-                Err(_) => return false,
-            },
-            None => None,
-        };
-        let mut ni = vec![0u8; OUR_NONCE_LEN];
-        self.rng.fill_bytes(&mut ni);
-        let new_inbound_spi = self.spis.esp_spi();
-        let mut payloads = Vec::new();
-        if old.mode == ChildMode::Transport {
-            payloads.push(Payload::Notify(NotifyPayload::new(
-                NotifyType::USE_TRANSPORT_MODE,
-                vec![],
-            )));
+            .position(|o| (o.generation.spi_i, o.generation.spi_r) == (spi_i, spi_r))
+    }
+
+    /// Runs `f` with old IKE SA `index`'s generation in `cur` (the handlers
+    /// then work on it unchanged); drops that SA afterwards if `f` finished
+    /// it.
+    fn with_old<T>(&mut self, index: usize, f: impl FnOnce(&mut IkeSa) -> T) -> Option<T> {
+        if index >= self.olds.len() {
+            return None;
         }
-        payloads.push(Payload::Notify(NotifyPayload::rekey_esp(inbound_spi)));
-        payloads.push(Payload::Sa(offer(
-            &self.config.esp_proposals,
-            &new_inbound_spi.to_be_bytes(),
-            DhMode::Negotiate {
-                ke_group: group.map(|g| g.id()),
-            },
-        )));
-        payloads.push(Payload::Nonce(ni.clone()));
-        if let Some(pair) = &dh {
-            payloads.push(Payload::Ke(KePayload {
-                group: pair.group().iana_id(),
-                data: pair.public_value().to_vec(),
-            }));
+        let mut old = self.olds.remove(index);
+        std::mem::swap(&mut self.cur, &mut old.generation);
+        self.on_old = true;
+        let result = f(self);
+        self.on_old = false;
+        std::mem::swap(&mut self.cur, &mut old.generation);
+        if std::mem::take(&mut self.old_done) {
+            self.drop_old(old);
+        } else {
+            let at = index.min(self.olds.len());
+            self.olds.insert(at, old);
         }
-        payloads.push(Payload::TsI(ts_payload(&old.local_ts)));
-        payloads.push(Payload::TsR(ts_payload(&old.remote_ts)));
-        let header = Header::request(
-            ExchangeType::CREATE_CHILD_SA,
-            self.spi_i,
-            self.spi_r,
-            self.our_next_id,
-            self.role == Role::Initiator,
-        );
-        let Ok(bytes) = self.seal(header, &payloads) else {
-            return false;
-        };
-        self.child_rekey = Some(ChildRekey {
-            old_inbound_spi: inbound_spi,
-            new_inbound_spi,
-            ni,
-            dh,
-            mode: old.mode,
-        });
-        self.send_request(now, RequestKind::RekeyChild, bytes);
-        true
+        Some(result)
+    }
+
+    /// Forgets the old IKE SA, and what was still outstanding on it.
+    fn drop_old(&mut self, old: OldSa) {
+        match old.generation.pending.map(|p| p.kind) {
+            Some(RequestKind::CreateChild) => {
+                if let Some(exchange) = self.child_exchange.take() {
+                    self.child_failed(exchange.config, "ike_rekeyed");
+                }
+            }
+            Some(RequestKind::RekeyIke) => {
+                self.ike_rekey = None;
+                self.stats.ike_rekeys_failed += 1;
+            }
+            _ => {}
+        }
+    }
+
+    fn child_failed(&mut self, config: usize, reason: &'static str) {
+        let name = self
+            .config
+            .children
+            .get(config)
+            .map_or_else(|| self.config.name.clone(), |c| c.name.clone());
+        self.events
+            .push_back(IkeEvent::ChildSaFailed { name, reason });
     }
 
     // -------------------------------------------------------------- dispatch
@@ -856,28 +1314,28 @@ impl IkeSa {
         if header.flags.is_response() {
             self.handle_response(now, dg, &view)
         } else {
-            self.handle_request(dg, &view)
+            self.handle_request(now, dg, &view)
         }
     }
 
-    fn handle_request(&mut self, dg: &Datagram, view: &MessageView<'_>) -> Handled {
+    fn handle_request(&mut self, now: Instant, dg: &Datagram, view: &MessageView<'_>) -> Handled {
         let header = view.header();
         // The I flag says who sent it: the original initiator's requests
         // carry it, ours are answered only when we are the responder.
         let from_original_initiator = header.flags.is_initiator();
-        if from_original_initiator != (self.role == Role::Responder) {
+        if self.state != State::AwaitInit && header.spi_i != self.cur.spi_i {
+            return Err(reject("bad_spi"));
+        }
+        if from_original_initiator != (self.cur.role == Role::Responder) {
             return Err(reject("bad_flags"));
         }
         if self.state == State::AwaitInit {
             return self.handle_init_request(dg, view);
         }
-        if header.spi_i != self.spi_i {
-            return Err(reject("bad_spi"));
-        }
-        if let Some(cached) = &self.cached {
+        if let Some(cached) = &self.cur.cached {
             let init_retransmit = header.exchange == ExchangeType::IKE_SA_INIT && header.spi_r == 0;
             if header.message_id == cached.message_id
-                && (init_retransmit || header.spi_r == self.spi_r)
+                && (init_retransmit || header.spi_r == self.cur.spi_r)
             {
                 if cached.request != dg.payload {
                     return Err(reject("retransmit_mismatch"));
@@ -887,19 +1345,19 @@ impl IkeSa {
                 return Ok(());
             }
         }
-        if header.spi_r != self.spi_r {
+        if header.spi_r != self.cur.spi_r {
             return Err(reject("bad_spi"));
         }
-        if header.message_id != self.peer_next_id {
+        if header.message_id != self.cur.peer_next_id {
             return Err(reject("bad_message_id"));
         }
         match (self.state, header.exchange) {
-            (State::AwaitAuth, ExchangeType::IKE_AUTH) => self.handle_auth_request(dg, view),
+            (State::AwaitAuth, ExchangeType::IKE_AUTH) => self.handle_auth_request(now, dg, view),
             (State::Established, ExchangeType::INFORMATIONAL) => {
-                self.handle_informational_request(dg, view)
+                self.handle_informational_request(now, dg, view)
             }
             (State::Established, ExchangeType::CREATE_CHILD_SA) => {
-                self.handle_create_child_request(dg, view)
+                self.handle_create_child_request(now, dg, view)
             }
             _ => Err(reject("unexpected_exchange")),
         }
@@ -907,10 +1365,10 @@ impl IkeSa {
 
     fn handle_response(&mut self, now: Instant, dg: &Datagram, view: &MessageView<'_>) -> Handled {
         let header = view.header();
-        let Some(pending) = &self.pending else {
+        let Some(pending) = &self.cur.pending else {
             return Err(reject("unexpected_response"));
         };
-        if header.spi_i != self.spi_i {
+        if header.spi_i != self.cur.spi_i {
             return Err(reject("bad_spi"));
         }
         if header.message_id != pending.message_id {
@@ -918,21 +1376,22 @@ impl IkeSa {
         }
         // The response comes from the other party: its I flag is set
         // exactly when it is the original initiator.
-        if header.flags.is_initiator() == (self.role == Role::Initiator) {
+        if header.flags.is_initiator() == (self.cur.role == Role::Initiator) {
             return Err(reject("bad_flags"));
         }
-        if pending.kind != RequestKind::Init && header.spi_r != self.spi_r {
+        if pending.kind != RequestKind::Init && header.spi_r != self.cur.spi_r {
             return Err(reject("bad_spi"));
         }
         match pending.kind {
             RequestKind::Init => self.handle_init_response(now, dg, view),
-            RequestKind::Auth => self.handle_auth_response(view),
-            RequestKind::RekeyChild => {
-                if header.exchange != ExchangeType::CREATE_CHILD_SA {
-                    return Err(reject("unexpected_exchange"));
-                }
-                self.handle_rekey_child_response(view)
+            RequestKind::Auth => self.handle_auth_response(now, view),
+            RequestKind::CreateChild | RequestKind::RekeyIke
+                if header.exchange != ExchangeType::CREATE_CHILD_SA =>
+            {
+                Err(reject("unexpected_exchange"))
             }
+            RequestKind::CreateChild => self.handle_create_child_response(now, view),
+            RequestKind::RekeyIke => self.handle_ike_rekey_response(now, view),
             _ if header.exchange != ExchangeType::INFORMATIONAL => {
                 Err(reject("unexpected_exchange"))
             }
@@ -999,21 +1458,18 @@ impl IkeSa {
         let Some(suite) = agreed.ike().copied() else {
             return Err(reject("internal"));
         };
-        if suite.dh.id() != ke.group {
+        if suite.dh.iana_id() != ke.group {
             // The peer may retry with the group we want (RFC 7296 §1.3).
             self.answer_init_error(
                 dg,
                 &header,
-                NotifyPayload::invalid_ke(suite.dh.id()),
+                NotifyPayload::invalid_ke(suite.dh.iana_id()),
                 "invalid_ke_payload",
             );
             return Ok(());
         }
         let ni = ni.to_vec();
-        let Some(group) = dh::DhGroup::from_iana_id(suite.dh.id()) else {
-            return Err(reject("internal"));
-        };
-        let pair = KeyPair::generate(group, &mut *self.rng).map_err(|_| reject("internal"))?;
+        let pair = KeyPair::generate(suite.dh, &mut *self.rng).map_err(|_| reject("internal"))?;
         let Ok(shared) = pair.agree(&ke.data) else {
             self.answer_init_error(
                 dg,
@@ -1059,13 +1515,13 @@ impl IkeSa {
         .encode()
         .map_err(|_| reject("internal"))?;
 
-        self.spi_i = header.spi_i;
-        self.spi_r = spi_r;
+        self.cur.spi_i = header.spi_i;
+        self.cur.spi_r = spi_r;
         self.local = dg.dst;
         self.remote = dg.src;
         self.nat_detected = nat;
-        self.suite = Some(suite);
-        self.keys = Some(keys);
+        self.cur.suite = Some(suite);
+        self.cur.keys = Some(keys);
         self.init = InitExchange {
             ni,
             nr,
@@ -1101,7 +1557,12 @@ impl IkeSa {
 
     /// IKE_AUTH request (RFC 7296 §1.2, §2.15): open, authenticate the peer,
     /// set up the Child SA, answer.
-    fn handle_auth_request(&mut self, dg: &Datagram, view: &MessageView<'_>) -> Handled {
+    fn handle_auth_request(
+        &mut self,
+        now: Instant,
+        dg: &Datagram,
+        view: &MessageView<'_>,
+    ) -> Handled {
         let header = view.header();
         let inner = self.open(view)?;
         let payloads = match decode_payload_chain(inner.0, &inner.1) {
@@ -1152,17 +1613,14 @@ impl IkeSa {
             // RFC 6023: an IKE_AUTH without SA, TSi and TSr sets up no
             // Child SA, and that is no error.
             Err(_) if childless => None,
-            Ok((child_payloads, child)) => {
+            Ok((child_payloads, config, child)) => {
                 reply.extend(child_payloads);
-                Some(child)
+                Some((config, child))
             }
-            Err((notify, f)) => {
+            Err((notify, f, config)) => {
                 reply.push(Payload::Notify(NotifyPayload::new(notify, vec![])));
                 *self.stats.errors_sent.entry(f.reason).or_insert(0) += 1;
-                self.events.push_back(IkeEvent::ChildSaFailed {
-                    name: self.config.name.clone(),
-                    reason: f.reason,
-                });
+                self.child_failed(config, f.reason);
                 None
             }
         };
@@ -1172,8 +1630,9 @@ impl IkeSa {
         self.state = State::Established;
         self.respond(dg, header.message_id, response);
         self.push_established(remote_id, initial_contact);
-        if let Some(child) = child {
-            self.install_child(child);
+        self.arm_ike_timers(now);
+        if let Some((config, child)) = child {
+            self.install_child(now, config, child);
         }
         Ok(())
     }
@@ -1211,38 +1670,60 @@ impl IkeSa {
         self.verify_peer_auth(payloads, idi, auth)
     }
 
-    /// The Child SA of an IKE_AUTH request: the ESP proposal, the narrowed
-    /// selectors, our SPI and the keys; or the error notify to send.
+    /// The first child config whose selectors meet the peer's (RFC 7296
+    /// §2.9): its index and the narrowed TSi and TSr.
+    fn select_child_config(
+        &self,
+        tsi: &[TrafficSelector],
+        tsr: &[TrafficSelector],
+    ) -> Option<(usize, Vec<TsRange>, Vec<TsRange>)> {
+        self.config
+            .children
+            .iter()
+            .enumerate()
+            .find_map(|(index, child)| {
+                let ts_i = narrow(tsi, &child.remote_ts);
+                let ts_r = narrow(tsr, &child.local_ts);
+                (!ts_i.is_empty() && !ts_r.is_empty()).then_some((index, ts_i, ts_r))
+            })
+    }
+
+    /// The Child SA of an IKE_AUTH request: the child config, the ESP
+    /// proposal, the narrowed selectors, our SPI and the keys; or the error
+    /// notify to send (with the child config it concerns, if any).
     #[allow(clippy::type_complexity)]
     fn accept_child(
         &mut self,
         payloads: &[Payload],
-    ) -> Result<(Vec<Payload>, ChildSaEstablished), (NotifyType, Failure)> {
+    ) -> Result<(Vec<Payload>, usize, ChildSaEstablished), (NotifyType, Failure, usize)> {
         let (Some(sa), Some(tsi), Some(tsr)) = (payloads.sa(), payloads.ts_i(), payloads.ts_r())
         else {
             return Err((
                 NotifyType::INVALID_SYNTAX,
                 failure("invalid_syntax", "IKE_AUTH without SA, TSi or TSr"),
+                usize::MAX,
             ));
         };
-        let agreed = select(&self.config.esp_proposals, sa, DhMode::Skip).map_err(|e| {
-            (
-                NotifyType::NO_PROPOSAL_CHOSEN,
-                failure("no_proposal_chosen", e),
-            )
-        })?;
-        let ts_i = narrow(&tsi.selectors, &self.config.remote_ts);
-        let ts_r = narrow(&tsr.selectors, &self.config.local_ts);
-        if ts_i.is_empty() || ts_r.is_empty() {
+        let Some((config, ts_i, ts_r)) = self.select_child_config(&tsi.selectors, &tsr.selectors)
+        else {
             return Err((
                 NotifyType::TS_UNACCEPTABLE,
                 failure(
                     "ts_unacceptable",
-                    "no overlap of the peer's selectors with ours",
+                    "no overlap of the peer's selectors with any child's",
                 ),
+                usize::MAX,
             ));
-        }
-        let mode = if self.config.mode == ChildMode::Transport
+        };
+        let child_config = &self.config.children[config];
+        let agreed = select(&child_config.esp_proposals, sa, DhMode::Skip).map_err(|e| {
+            (
+                NotifyType::NO_PROPOSAL_CHOSEN,
+                failure("no_proposal_chosen", e),
+                config,
+            )
+        })?;
+        let mode = if child_config.mode == ChildMode::Transport
             && payloads.notify(NotifyType::USE_TRANSPORT_MODE).is_some()
         {
             ChildMode::Transport
@@ -1252,6 +1733,7 @@ impl IkeSa {
         let inbound_spi = self.spis.esp_spi();
         let child = self
             .child_from_agreed(
+                config,
                 &agreed,
                 inbound_spi,
                 mode,
@@ -1259,7 +1741,7 @@ impl IkeSa {
                 ts_i.clone(),
                 self.first_child_keymat(),
             )
-            .map_err(|f| (NotifyType::NO_PROPOSAL_CHOSEN, f))?;
+            .map_err(|f| (NotifyType::NO_PROPOSAL_CHOSEN, f, config))?;
         let mut out = Vec::new();
         if mode == ChildMode::Transport {
             out.push(Payload::Notify(NotifyPayload::new(
@@ -1272,7 +1754,7 @@ impl IkeSa {
         ));
         out.push(Payload::TsI(ts_payload(&ts_i)));
         out.push(Payload::TsR(ts_payload(&ts_r)));
-        Ok((out, child))
+        Ok((out, config, child))
     }
 
     /// An encrypted IKE_AUTH error answer; the IKE SA is then gone.
@@ -1301,7 +1783,12 @@ impl IkeSa {
 
     /// INFORMATIONAL request: liveness check (empty), Delete of the IKE SA or
     /// of Child SAs (RFC 7296 §1.4.1).
-    fn handle_informational_request(&mut self, dg: &Datagram, view: &MessageView<'_>) -> Handled {
+    fn handle_informational_request(
+        &mut self,
+        now: Instant,
+        dg: &Datagram,
+        view: &MessageView<'_>,
+    ) -> Handled {
         let header = view.header();
         let (first, plaintext) = self.open(view)?;
         let payloads = match decode_payload_chain(first, &plaintext) {
@@ -1351,7 +1838,26 @@ impl IkeSa {
             });
         }
         if delete_ike {
-            self.close_deleted();
+            if self.on_old {
+                // An old IKE SA after a rekey: only it goes.
+                self.old_done = true;
+            } else if let Some(theirs) = self.peer_rekey.take() {
+                // Simultaneous rekeys: the peer finished its own and deleted
+                // this SA before answering ours; its new SA stays.
+                self.switch_to(now, theirs.generation, OLD_IKE_SA_WAIT);
+                // It stays only for the answer to our rekey, still due.
+                if self
+                    .olds
+                    .last()
+                    .is_some_and(|o| o.generation.pending.is_none())
+                {
+                    if let Some(old) = self.olds.pop() {
+                        self.drop_old(old);
+                    }
+                }
+            } else {
+                self.close_deleted();
+            }
         } else if payloads.notify(NotifyType::AUTHENTICATION_FAILED).is_some() {
             // An initiator that could not authenticate us (RFC 7296 §2.21.2).
             self.fail(failure(
@@ -1364,35 +1870,50 @@ impl IkeSa {
 
     /// CREATE_CHILD_SA request (RFC 7296 §1.3): a new or rekeyed Child SA
     /// (REKEY_SA names the old one by the peer's inbound SPI), with PFS when
-    /// the agreed proposal has a DH group. Rekeying the IKE SA is not
-    /// implemented: NO_ADDITIONAL_SAS tells the peer without harming the SA.
+    /// the agreed proposal has a DH group; or a rekey of the IKE SA.
     /// Refusals are answered with the error notify, and the IKE SA stays.
-    fn handle_create_child_request(&mut self, dg: &Datagram, view: &MessageView<'_>) -> Handled {
+    fn handle_create_child_request(
+        &mut self,
+        now: Instant,
+        dg: &Datagram,
+        view: &MessageView<'_>,
+    ) -> Handled {
         let header = view.header();
         let (first, plaintext) = self.open(view)?;
-        let (reply, child, reason) = match decode_payload_chain(first, &plaintext) {
-            Ok(payloads) => match self.accept_create_child(&payloads) {
-                Ok((reply, child)) => (reply, Some(child), None),
-                Err((notify, f)) => (vec![Payload::Notify(notify)], None, Some(f.reason)),
-            },
-            Err(e) => (
-                vec![Payload::Notify(NotifyPayload::new(
+        let payloads = match decode_payload_chain(first, &plaintext) {
+            Ok(p) => p,
+            Err(e) => {
+                let reply = [Payload::Notify(NotifyPayload::new(
                     NotifyType::INVALID_SYNTAX,
                     vec![],
-                ))],
-                None,
-                Some(e.reason()),
-            ),
+                ))];
+                let response = self
+                    .seal(header.response(), &reply)
+                    .map_err(|_| reject("internal"))?;
+                *self.stats.errors_sent.entry(e.reason()).or_insert(0) += 1;
+                self.respond(dg, header.message_id, response);
+                return Ok(());
+            }
+        };
+        let rekeys_ike = payloads
+            .sa()
+            .is_some_and(|sa| sa.proposals.iter().any(|p| p.protocol == ProtocolId::IKE));
+        if rekeys_ike {
+            return self.handle_ike_rekey_request(now, dg, &header, &payloads);
+        }
+        let (reply, child) = match self.accept_create_child(&payloads) {
+            Ok((reply, config, child)) => (reply, Some((config, child))),
+            Err((notify, f)) => {
+                *self.stats.errors_sent.entry(f.reason).or_insert(0) += 1;
+                (vec![Payload::Notify(notify)], None)
+            }
         };
         let response = self
             .seal(header.response(), &reply)
             .map_err(|_| reject("internal"))?;
-        if let Some(reason) = reason {
-            *self.stats.errors_sent.entry(reason).or_insert(0) += 1;
-        }
         self.respond(dg, header.message_id, response);
-        if let Some(child) = child {
-            self.install_child(child);
+        if let Some((config, child)) = child {
+            self.install_child(now, config, child);
         }
         Ok(())
     }
@@ -1403,7 +1924,7 @@ impl IkeSa {
     fn accept_create_child(
         &mut self,
         payloads: &[Payload],
-    ) -> Result<(Vec<Payload>, ChildSaEstablished), (NotifyPayload, Failure)> {
+    ) -> Result<(Vec<Payload>, usize, ChildSaEstablished), (NotifyPayload, Failure)> {
         let error = |t: NotifyType, reason: &'static str, detail: &str| {
             (NotifyPayload::new(t, vec![]), failure(reason, detail))
         };
@@ -1413,16 +1934,6 @@ impl IkeSa {
             payloads.ts_i(),
             payloads.ts_r(),
         ) else {
-            if payloads
-                .sa()
-                .is_some_and(|sa| sa.proposals.iter().any(|p| p.protocol == ProtocolId::IKE))
-            {
-                return Err(error(
-                    NotifyType::NO_ADDITIONAL_SAS,
-                    "no_additional_sas",
-                    "rekeying the IKE SA is not implemented",
-                ));
-            }
             return Err(error(
                 NotifyType::INVALID_SYNTAX,
                 "invalid_syntax",
@@ -1441,7 +1952,7 @@ impl IkeSa {
                 let old = n
                     .spi_u32()
                     .and_then(|spi| self.children.iter().find(|c| c.outbound_spi == spi))
-                    .map(|c| c.inbound_spi);
+                    .map(|c| (c.inbound_spi, c.config));
                 match old {
                     Some(old) => Some(old),
                     None => {
@@ -1457,9 +1968,29 @@ impl IkeSa {
             }
             None => None,
         };
+        // A rekey keeps the old SA's child config; a new SA takes the first
+        // whose selectors meet the peer's.
+        let selected = match rekeys {
+            Some((_, config)) => {
+                let child = &self.config.children[config];
+                let ts_i = narrow(&tsi.selectors, &child.remote_ts);
+                let ts_r = narrow(&tsr.selectors, &child.local_ts);
+                (!ts_i.is_empty() && !ts_r.is_empty()).then_some((config, ts_i, ts_r))
+            }
+            None => self.select_child_config(&tsi.selectors, &tsr.selectors),
+        };
+        let Some((config, ts_i, ts_r)) = selected else {
+            return Err(error(
+                NotifyType::TS_UNACCEPTABLE,
+                "ts_unacceptable",
+                "no overlap of the peer's selectors with ours",
+            ));
+        };
+        let rekeys = rekeys.map(|(old, _)| old);
+        let child_config = &self.config.children[config];
         let ke = payloads.ke();
         let agreed = select(
-            &self.config.esp_proposals,
+            &child_config.esp_proposals,
             sa,
             DhMode::Negotiate {
                 ke_group: ke.map(|k| k.group),
@@ -1474,23 +2005,15 @@ impl IkeSa {
         let pfs_group = agreed.esp().and_then(|e| e.dh);
         let pfs = match (pfs_group, ke) {
             (None, _) => None,
-            (Some(g), Some(k)) if k.group == g.id() => Some(k),
+            (Some(g), Some(k)) if k.group == g.iana_id() => Some(k),
             (Some(g), _) => {
                 return Err((
-                    NotifyPayload::invalid_ke(g.id()),
+                    NotifyPayload::invalid_ke(g.iana_id()),
                     failure("invalid_ke_payload", "the KE group is not the agreed one"),
                 ))
             }
         };
-        let ts_i = narrow(&tsi.selectors, &self.config.remote_ts);
-        let ts_r = narrow(&tsr.selectors, &self.config.local_ts);
-        if ts_i.is_empty() || ts_r.is_empty() {
-            return Err(error(
-                NotifyType::TS_UNACCEPTABLE,
-                "ts_unacceptable",
-                "no overlap of the peer's selectors with ours",
-            ));
-        }
+        let wants_transport = child_config.mode == ChildMode::Transport;
         let (our_ke, shared) = match pfs {
             Some(k) => {
                 let group = dh::DhGroup::from_iana_id(k.group)
@@ -1510,9 +2033,7 @@ impl IkeSa {
             }
             None => (None, None),
         };
-        let mode = if self.config.mode == ChildMode::Transport
-            && payloads.notify(NotifyType::USE_TRANSPORT_MODE).is_some()
-        {
+        let mode = if wants_transport && payloads.notify(NotifyType::USE_TRANSPORT_MODE).is_some() {
             ChildMode::Transport
         } else {
             ChildMode::Tunnel
@@ -1528,6 +2049,7 @@ impl IkeSa {
         };
         let mut child = self
             .child_from_agreed(
+                config,
                 &agreed,
                 inbound_spi,
                 mode,
@@ -1556,31 +2078,458 @@ impl IkeSa {
         reply.extend(our_ke.map(Payload::Ke));
         reply.push(Payload::TsI(ts_payload(&ts_i)));
         reply.push(Payload::TsR(ts_payload(&ts_r)));
-        Ok((reply, child))
+        Ok((reply, config, child))
     }
 
-    fn send_informational(
+    /// A CREATE_CHILD_SA request rekeying the IKE SA (RFC 7296 §1.3.2):
+    /// answered with our new SPI, Nr and KEr, and this object then
+    /// continues as the new IKE SA while the old one waits for the peer's
+    /// Delete. While our own IKE rekey is outstanding (simultaneous rekeys,
+    /// RFC 7296 §2.8.2) the new SA waits in `peer_rekey` until ours is
+    /// answered, and then the lowest of the four nonces decides.
+    fn handle_ike_rekey_request(
         &mut self,
         now: Instant,
-        kind: RequestKind,
-        payloads: Vec<Payload>,
-    ) -> bool {
-        if self.state != State::Established || self.pending.is_some() {
-            return false;
-        }
-        let header = Header::request(
-            ExchangeType::INFORMATIONAL,
-            self.spi_i,
-            self.spi_r,
-            self.our_next_id,
-            self.role == Role::Initiator,
-        );
-        match self.seal(header, &payloads) {
-            Ok(bytes) => {
-                self.send_request(now, kind, bytes);
-                true
+        dg: &Datagram,
+        header: &Header,
+        payloads: &[Payload],
+    ) -> Handled {
+        let (reply, new) = match self.accept_ike_rekey(payloads) {
+            Ok((reply, new)) => (reply, Some(new)),
+            Err((notify, f)) => {
+                *self.stats.errors_sent.entry(f.reason).or_insert(0) += 1;
+                (vec![Payload::Notify(notify)], None)
             }
-            Err(_) => false,
+        };
+        let response = self
+            .seal(header.response(), &reply)
+            .map_err(|_| reject("internal"))?;
+        self.respond(dg, header.message_id, response);
+        match new {
+            Some(new) if self.ike_rekey.is_some() => self.peer_rekey = Some(new),
+            Some(new) => self.switch_to(now, new.generation, OLD_IKE_SA_WAIT),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The new IKE SA of a peer's IKE rekey and our reply, or the error
+    /// notify to answer with.
+    fn accept_ike_rekey(
+        &mut self,
+        payloads: &[Payload],
+    ) -> Result<(Vec<Payload>, PeerRekey), (NotifyPayload, Failure)> {
+        let error = |t: NotifyType, reason: &'static str, detail: &str| {
+            (NotifyPayload::new(t, vec![]), failure(reason, detail))
+        };
+        // An old SA (already rekeyed) is not rekeyed again (RFC 7296
+        // §2.25.2); nor is the current one before the last rekey is done.
+        if self.on_old || !self.olds.is_empty() || self.peer_rekey.is_some() {
+            return Err(error(
+                NotifyType::TEMPORARY_FAILURE,
+                "temporary_failure",
+                "the last IKE rekey is still finishing",
+            ));
+        }
+        let (Some(sa), Some(ni), Some(ke)) = (payloads.sa(), payloads.nonce(), payloads.ke())
+        else {
+            return Err(error(
+                NotifyType::INVALID_SYNTAX,
+                "invalid_syntax",
+                "IKE rekey without SA, Nonce or KE",
+            ));
+        };
+        if !NONCE_LEN_RANGE.contains(&ni.len()) {
+            return Err(error(
+                NotifyType::INVALID_SYNTAX,
+                "bad_nonce",
+                "nonce length",
+            ));
+        }
+        let agreed = select(
+            &self.config.ike_proposals,
+            sa,
+            DhMode::Negotiate {
+                ke_group: Some(ke.group),
+            },
+        )
+        .map_err(|e| {
+            (
+                NotifyPayload::new(NotifyType::NO_PROPOSAL_CHOSEN, vec![]),
+                failure("no_proposal_chosen", e),
+            )
+        })?;
+        let Some(suite) = agreed.ike().copied() else {
+            return Err(error(NotifyType::NO_PROPOSAL_CHOSEN, "internal", "not IKE"));
+        };
+        if suite.dh.iana_id() != ke.group {
+            return Err((
+                NotifyPayload::invalid_ke(suite.dh.iana_id()),
+                failure("invalid_ke_payload", "the KE group is not the agreed one"),
+            ));
+        }
+        let peer_spi = <[u8; 8]>::try_from(agreed.peer_spi.as_slice())
+            .map(u64::from_be_bytes)
+            .ok()
+            .filter(|spi| *spi != 0)
+            .ok_or_else(|| error(NotifyType::INVALID_SYNTAX, "invalid_syntax", "IKE SPI"))?;
+        let group = dh::DhGroup::from_iana_id(ke.group)
+            .ok_or_else(|| error(NotifyType::NO_PROPOSAL_CHOSEN, "internal", "DH group"))?;
+        let pair = KeyPair::generate(group, &mut *self.rng)
+            .map_err(|_| error(NotifyType::NO_PROPOSAL_CHOSEN, "internal", "DH"))?;
+        let shared = pair
+            .agree(&ke.data)
+            .map_err(|_| error(NotifyType::INVALID_SYNTAX, "bad_ke", "bad KE data"))?;
+        let mut nr = vec![0u8; OUR_NONCE_LEN];
+        self.rng.fill_bytes(&mut nr);
+        let our_spi = self.spis.ike_spi();
+        let keys = self
+            .rekeyed_keys(&suite, shared.as_bytes(), ni, &nr, peer_spi, our_spi)
+            .map_err(|e| error(NotifyType::NO_PROPOSAL_CHOSEN, "internal", &e))?;
+        let reply = vec![
+            Payload::Sa(agreed.reply(our_spi.to_be_bytes().to_vec())),
+            Payload::Nonce(nr.clone()),
+            Payload::Ke(KePayload {
+                group: ke.group,
+                data: pair.public_value().to_vec(),
+            }),
+        ];
+        let mut new = Generation::new(Role::Responder);
+        new.spi_i = peer_spi;
+        new.spi_r = our_spi;
+        new.suite = Some(suite);
+        new.keys = Some(keys);
+        Ok((
+            reply,
+            PeerRekey {
+                generation: new,
+                ni: ni.to_vec(),
+                nr,
+            },
+        ))
+    }
+
+    /// The keys of the IKE SA that replaces the current one (RFC 7296
+    /// §2.18): "i" is whoever initiated the rekey.
+    fn rekeyed_keys(
+        &self,
+        suite: &proposal::IkeSuite,
+        shared: &[u8],
+        ni: &[u8],
+        nr: &[u8],
+        spi_i: u64,
+        spi_r: u64,
+    ) -> Result<IkeSaKeys, String> {
+        let keys = self.cur.keys.as_ref().ok_or("no IKE keys")?;
+        keys.rekeyed(
+            crypto_suite(suite)?,
+            shared,
+            ni,
+            nr,
+            &spi_i.to_be_bytes(),
+            &spi_r.to_be_bytes(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Puts the new IKE SA in use; the current one becomes an old one,
+    /// kept at most `wait` for its Delete.
+    fn switch_to(&mut self, now: Instant, new: Generation, wait: Duration) {
+        let old = std::mem::replace(&mut self.cur, new);
+        let old_spis = (old.spi_i, old.spi_r);
+        self.olds.push(OldSa {
+            generation: old,
+            deadline: later(now, wait),
+        });
+        self.events.push_back(IkeEvent::IkeSaRekeyed {
+            old_spis,
+            new_spis: self.spis(),
+        });
+        self.arm_ike_timers(now);
+    }
+
+    /// Sends our CREATE_CHILD_SA request rekeying the IKE SA, with a KE of
+    /// the current group or of `retry_group` (INVALID_KE_PAYLOAD's).
+    fn send_ike_rekey(
+        &mut self,
+        now: Instant,
+        retry_group: Option<DhGroup>,
+    ) -> Result<(), Failure> {
+        let group = retry_group
+            .or(self.cur.suite.map(|s| s.dh))
+            .or_else(|| proposal::preferred_dh_group(&self.config.ike_proposals))
+            .ok_or_else(|| failure("config", "no DH group"))?;
+        let pair = KeyPair::generate(group, &mut *self.rng).map_err(|e| failure("internal", e))?;
+        let mut ni = vec![0u8; OUR_NONCE_LEN];
+        self.rng.fill_bytes(&mut ni);
+        let new_spi = self.spis.ike_spi();
+        let payloads = [
+            Payload::Sa(offer(
+                &self.config.ike_proposals,
+                &new_spi.to_be_bytes(),
+                DhMode::Negotiate {
+                    ke_group: Some(group.iana_id()),
+                },
+            )),
+            Payload::Nonce(ni.clone()),
+            Payload::Ke(KePayload {
+                group: group.iana_id(),
+                data: pair.public_value().to_vec(),
+            }),
+        ];
+        let header = self.request_header(ExchangeType::CREATE_CHILD_SA);
+        let bytes = self
+            .seal(header, &payloads)
+            .map_err(|e| failure("internal", e))?;
+        self.ike_rekey = Some(IkeRekey {
+            new_spi,
+            ni,
+            dh: pair,
+            ke_retried: retry_group.is_some(),
+        });
+        self.send_request(now, RequestKind::RekeyIke, bytes);
+        Ok(())
+    }
+
+    /// The answer to our IKE rekey: switch to the new IKE SA and delete the
+    /// old one; or, refused, try again later. If we also answered a rekey
+    /// of the peer meanwhile (RFC 7296 §2.8.2), the new SA created with the
+    /// lowest of the four nonces loses and its creator deletes it; a
+    /// refusal of ours leaves the peer's.
+    fn handle_ike_rekey_response(&mut self, now: Instant, view: &MessageView<'_>) -> Handled {
+        let (first, plaintext) = self.open(view)?;
+        let payloads = decode_payload_chain(first, &plaintext).map_err(|e| reject(e.reason()))?;
+        self.complete_request();
+        let Some(rekey) = self.ike_rekey.take() else {
+            return Err(reject("internal"));
+        };
+        if self.on_old {
+            // The peer deleted this SA after its own simultaneous rekey,
+            // whose new SA we took: ours is moot, and this SA is done.
+            self.stats.ike_rekeys_failed += 1;
+            self.old_done = true;
+            return Ok(());
+        }
+        if self.peer_rekey.is_none() {
+            let wanted = wanted_group(&payloads, rekey.dh.group(), rekey.ke_retried)
+                .filter(|g| self.config.ike_proposals.iter().any(|p| p.dh.contains(g)));
+            if let Some(group) = wanted {
+                // RFC 7296 §1.3: the same request again with the wanted group.
+                if self.send_ike_rekey(now, Some(group)).is_err() {
+                    self.ike_rekey_failed(now);
+                }
+                return Ok(());
+            }
+        }
+        let theirs = self.peer_rekey.take();
+        let ours = match self.ike_from_rekey_response(&payloads, &rekey) {
+            Ok(ours) => ours,
+            Err(_) => {
+                self.ike_rekey_failed(now);
+                if let Some(theirs) = theirs {
+                    self.switch_to(now, theirs.generation, OLD_IKE_SA_WAIT);
+                }
+                return Ok(());
+            }
+        };
+        let (ours, nr) = ours;
+        let ours_lose = theirs.as_ref().is_some_and(|t| {
+            let lowest_ours = rekey.ni.as_slice().min(nr.as_slice());
+            let lowest_theirs = t.ni.as_slice().min(t.nr.as_slice());
+            lowest_ours < lowest_theirs
+        });
+        match theirs {
+            Some(theirs) if ours_lose => {
+                self.stats.ike_rekeys_failed += 1;
+                // The peer deletes the old SA; we delete ours, which lost.
+                self.switch_to(now, theirs.generation, OLD_IKE_SA_WAIT);
+                self.olds.push(OldSa {
+                    generation: ours,
+                    deadline: later(now, OLD_IKE_SA_WAIT),
+                });
+                self.delete_old(now, self.olds.len() - 1);
+            }
+            theirs => {
+                self.switch_to(now, ours, OLD_IKE_SA_WAIT);
+                // RFC 7296 §2.18: the rekey's initiator deletes the old SA,
+                // under the old keys.
+                self.delete_old(now, self.olds.len() - 1);
+                // The peer's new SA lost: the peer deletes it.
+                if let Some(theirs) = theirs {
+                    self.olds.push(OldSa {
+                        generation: theirs.generation,
+                        deadline: later(now, OLD_IKE_SA_WAIT),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the Delete of old IKE SA `index`, under its keys.
+    fn delete_old(&mut self, now: Instant, index: usize) {
+        self.with_old(index, |sa| {
+            sa.send_informational(
+                now,
+                RequestKind::DeleteIke,
+                vec![Payload::Delete(DeletePayload::ike())],
+            )
+        });
+    }
+
+    /// The new IKE SA our rekey made, and the peer's nonce.
+    fn ike_from_rekey_response(
+        &self,
+        payloads: &[Payload],
+        rekey: &IkeRekey,
+    ) -> Result<(Generation, Vec<u8>), Failure> {
+        if let Some(error) = payloads.notifies().find(|n| n.notify_type.is_error()) {
+            return Err(failure(notify_reason(error.notify_type), error.notify_type));
+        }
+        let (Some(sa), Some(nr), Some(ke)) = (payloads.sa(), payloads.nonce(), payloads.ke())
+        else {
+            return Err(failure("invalid_syntax", "no SA, Nonce or KE"));
+        };
+        if !NONCE_LEN_RANGE.contains(&nr.len()) {
+            return Err(failure("bad_nonce", "nonce length"));
+        }
+        let group = rekey.dh.group().iana_id();
+        let agreed = accept_reply(
+            &self.config.ike_proposals,
+            sa,
+            DhMode::Negotiate {
+                ke_group: Some(group),
+            },
+        )
+        .map_err(|e| failure("bad_proposal_reply", e))?;
+        let suite = agreed
+            .ike()
+            .copied()
+            .ok_or_else(|| failure("internal", "not IKE"))?;
+        let peer_spi = <[u8; 8]>::try_from(agreed.peer_spi.as_slice())
+            .map(u64::from_be_bytes)
+            .ok()
+            .filter(|spi| *spi != 0)
+            .ok_or_else(|| failure("invalid_syntax", "IKE SPI"))?;
+        if ke.group != group {
+            return Err(failure("bad_ke", "KE of another group"));
+        }
+        let shared = rekey.dh.agree(&ke.data).map_err(|e| failure("bad_ke", e))?;
+        let keys = self
+            .rekeyed_keys(
+                &suite,
+                shared.as_bytes(),
+                &rekey.ni,
+                nr,
+                rekey.new_spi,
+                peer_spi,
+            )
+            .map_err(|e| failure("internal", e))?;
+        let mut new = Generation::new(Role::Initiator);
+        new.spi_i = rekey.new_spi;
+        new.spi_r = peer_spi;
+        new.suite = Some(suite);
+        new.keys = Some(keys);
+        Ok((new, nr.to_vec()))
+    }
+
+    fn ike_rekey_failed(&mut self, now: Instant) {
+        self.stats.ike_rekeys_failed += 1;
+        self.ike_rekey_at = Some(self.jittered(now, REKEY_RETRY));
+    }
+
+    /// Sends our CREATE_CHILD_SA request for a new Child SA of child config
+    /// `config`, or rekeying `old`.
+    /// `retry_group`: the PFS group an INVALID_KE_PAYLOAD asked for.
+    fn send_create_child(
+        &mut self,
+        now: Instant,
+        config: usize,
+        old: Option<&ChildSa>,
+        retry_group: Option<DhGroup>,
+    ) -> Result<(), Failure> {
+        let child_config = self
+            .config
+            .children
+            .get(config)
+            .ok_or_else(|| failure("config", "no such child"))?;
+        let group =
+            retry_group.or_else(|| proposal::preferred_dh_group(&child_config.esp_proposals));
+        let dh = match group {
+            Some(g) => {
+                Some(KeyPair::generate(g, &mut *self.rng).map_err(|e| failure("internal", e))?)
+            }
+            None => None,
+        };
+        let mut ni = vec![0u8; OUR_NONCE_LEN];
+        self.rng.fill_bytes(&mut ni);
+        let new_inbound_spi = self.spis.esp_spi();
+        let (mode, local_ts, remote_ts) = match old {
+            Some(c) => (c.mode, c.local_ts.clone(), c.remote_ts.clone()),
+            None => (
+                child_config.mode,
+                child_config.local_ts.clone(),
+                child_config.remote_ts.clone(),
+            ),
+        };
+        let mut payloads = Vec::new();
+        if mode == ChildMode::Transport {
+            payloads.push(Payload::Notify(NotifyPayload::new(
+                NotifyType::USE_TRANSPORT_MODE,
+                vec![],
+            )));
+        }
+        if let Some(c) = old {
+            payloads.push(Payload::Notify(NotifyPayload::rekey_esp(c.inbound_spi)));
+        }
+        payloads.push(Payload::Sa(offer(
+            &child_config.esp_proposals,
+            &new_inbound_spi.to_be_bytes(),
+            DhMode::Negotiate {
+                ke_group: group.map(|g| g.iana_id()),
+            },
+        )));
+        payloads.push(Payload::Nonce(ni.clone()));
+        if let Some(pair) = &dh {
+            payloads.push(Payload::Ke(KePayload {
+                group: pair.group().iana_id(),
+                data: pair.public_value().to_vec(),
+            }));
+        }
+        payloads.push(Payload::TsI(ts_payload(&local_ts)));
+        payloads.push(Payload::TsR(ts_payload(&remote_ts)));
+        let header = self.request_header(ExchangeType::CREATE_CHILD_SA);
+        let bytes = self
+            .seal(header, &payloads)
+            .map_err(|e| failure("internal", e))?;
+        self.child_exchange = Some(ChildExchange {
+            config,
+            rekeys: old.map(|c| c.inbound_spi),
+            new_inbound_spi,
+            ni,
+            dh,
+            mode,
+            ke_retried: retry_group.is_some(),
+        });
+        self.send_request(now, RequestKind::CreateChild, bytes);
+        Ok(())
+    }
+
+    fn request_header(&self, exchange: ExchangeType) -> Header {
+        Header::request(
+            exchange,
+            self.cur.spi_i,
+            self.cur.spi_r,
+            self.cur.our_next_id,
+            self.cur.role == Role::Initiator,
+        )
+    }
+
+    /// Sends an INFORMATIONAL request (the window must be free).
+    fn send_informational(&mut self, now: Instant, kind: RequestKind, payloads: Vec<Payload>) {
+        let header = self.request_header(ExchangeType::INFORMATIONAL);
+        if let Ok(bytes) = self.seal(header, &payloads) {
+            self.send_request(now, kind, bytes);
         }
     }
 
@@ -1595,6 +2544,7 @@ impl IkeSa {
         decode_payload_chain(first, &plaintext).map_err(|e| reject(e.reason()))?;
         self.complete_request();
         match kind {
+            RequestKind::DeleteIke if self.on_old => self.old_done = true,
             RequestKind::DeleteIke => self.close_deleted(),
             RequestKind::DeleteChild { inbound_spi } => {
                 if let Some(pos) = self
@@ -1615,29 +2565,67 @@ impl IkeSa {
         Ok(())
     }
 
-    /// The answer to our Child SA rekey: the new SA, or (on an error
-    /// notify) [`IkeEvent::ChildSaFailed`] with the old SA left in place.
-    fn handle_rekey_child_response(&mut self, view: &MessageView<'_>) -> Handled {
+    /// The answer to our CREATE_CHILD_SA for a Child SA: the new SA (and,
+    /// for a rekey, the old one's Delete queued), or (on an error notify)
+    /// [`IkeEvent::ChildSaFailed`] with an old SA left in place.
+    fn handle_create_child_response(&mut self, now: Instant, view: &MessageView<'_>) -> Handled {
         let (first, plaintext) = self.open(view)?;
         let payloads = decode_payload_chain(first, &plaintext).map_err(|e| reject(e.reason()))?;
         self.complete_request();
-        let Some(rekey) = self.child_rekey.take() else {
+        let Some(exchange) = self.child_exchange.take() else {
             return Err(reject("internal"));
         };
-        match self.child_from_rekey_response(&payloads, &rekey) {
-            Ok(child) => self.install_child(child),
-            Err(f) => self.events.push_back(IkeEvent::ChildSaFailed {
-                name: self.config.name.clone(),
-                reason: f.reason,
-            }),
+        let wanted = exchange
+            .dh
+            .as_ref()
+            .and_then(|pair| wanted_group(&payloads, pair.group(), exchange.ke_retried))
+            .filter(|g| {
+                self.config
+                    .children
+                    .get(exchange.config)
+                    .is_some_and(|c| c.esp_proposals.iter().any(|p| p.dh.contains(g)))
+            });
+        if let Some(group) = wanted {
+            // RFC 7296 §1.3: the same request again with the wanted group.
+            let old = exchange
+                .rekeys
+                .and_then(|spi| self.children.iter().find(|c| c.inbound_spi == spi))
+                .cloned();
+            if exchange.rekeys.is_none() || old.is_some() {
+                match self.send_create_child(now, exchange.config, old.as_ref(), Some(group)) {
+                    Ok(()) => return Ok(()),
+                    Err(f) => {
+                        self.child_failed(exchange.config, f.reason);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        match self.child_from_create_response(&payloads, &exchange) {
+            Ok(child) => {
+                self.install_child(now, exchange.config, child);
+                if let Some(old) = exchange.rekeys {
+                    self.enqueue(Queued::DeleteChild { inbound_spi: old });
+                }
+            }
+            Err(f) => {
+                self.child_failed(exchange.config, f.reason);
+                // A failed rekey is tried again later, while the SA lives.
+                if let Some(old) = exchange.rekeys {
+                    let retry = self.jittered(now, REKEY_RETRY);
+                    if let Some(c) = self.children.iter_mut().find(|c| c.inbound_spi == old) {
+                        c.rekey_at = Some(retry);
+                    }
+                }
+            }
         }
         Ok(())
     }
 
-    fn child_from_rekey_response(
+    fn child_from_create_response(
         &self,
         payloads: &[Payload],
-        rekey: &ChildRekey,
+        exchange: &ChildExchange,
     ) -> Result<ChildSaEstablished, Failure> {
         if let Some(error) = payloads.notifies().find(|n| n.notify_type.is_error()) {
             return Err(failure(notify_reason(error.notify_type), error.notify_type));
@@ -1653,14 +2641,23 @@ impl IkeSa {
         if !NONCE_LEN_RANGE.contains(&nr.len()) {
             return Err(failure("bad_nonce", "nonce length"));
         }
-        let ke_group = rekey.dh.as_ref().map(|p| p.group().iana_id());
+        let child_config = self
+            .config
+            .children
+            .get(exchange.config)
+            .ok_or_else(|| failure("internal", "no child config"))?;
+        let transport = payloads.notify(NotifyType::USE_TRANSPORT_MODE).is_some();
+        if transport != (exchange.mode == ChildMode::Transport) {
+            return Err(failure("mode_mismatch", "the responder chose another mode"));
+        }
+        let ke_group = exchange.dh.as_ref().map(|p| p.group().iana_id());
         let agreed = accept_reply(
-            &self.config.esp_proposals,
+            &child_config.esp_proposals,
             sa,
             DhMode::Negotiate { ke_group },
         )
         .map_err(|e| failure("bad_proposal_reply", e))?;
-        let shared = match &rekey.dh {
+        let shared = match &exchange.dh {
             Some(pair) => {
                 let ke = payloads
                     .ke()
@@ -1671,33 +2668,31 @@ impl IkeSa {
             None => None,
         };
         let (local_ts, remote_ts) =
-            replied_selectors(&self.config, &tsi.selectors, &tsr.selectors)?;
+            replied_selectors(child_config, &tsi.selectors, &tsr.selectors)?;
         let keymat = Keymat {
             shared: shared.as_ref().map(|s| s.as_bytes()),
-            ni: &rekey.ni,
+            ni: &exchange.ni,
             nr,
             we_initiated: true,
         };
         let mut child = self.child_from_agreed(
+            exchange.config,
             &agreed,
-            rekey.new_inbound_spi,
-            rekey.mode,
+            exchange.new_inbound_spi,
+            exchange.mode,
             local_ts,
             remote_ts,
             keymat,
         )?;
-        child.rekeys = Some(rekey.old_inbound_spi);
+        child.rekeys = exchange.rekeys;
         Ok(child)
     }
 
     // -------------------------------------------------------------- initiator
 
     fn send_init_request(&mut self, now: Instant, group: proposal::DhGroup) -> Result<(), Failure> {
-        let dh_group = dh::DhGroup::from_iana_id(group.id())
-            .ok_or_else(|| failure("internal", "DH group without an implementation"))?;
-        let pair =
-            KeyPair::generate(dh_group, &mut *self.rng).map_err(|e| failure("internal", e))?;
-        let header = Header::request(ExchangeType::IKE_SA_INIT, self.spi_i, 0, 0, true);
+        let pair = KeyPair::generate(group, &mut *self.rng).map_err(|e| failure("internal", e))?;
+        let header = Header::request(ExchangeType::IKE_SA_INIT, self.cur.spi_i, 0, 0, true);
         let mut payloads = Vec::new();
         if let Some(cookie) = &self.init.cookie {
             payloads.push(Payload::Notify(NotifyPayload::cookie(cookie.clone())));
@@ -1706,19 +2701,21 @@ impl IkeSa {
             &self.config.ike_proposals,
             &[],
             DhMode::Negotiate {
-                ke_group: Some(group.id()),
+                ke_group: Some(group.iana_id()),
             },
         )));
         payloads.push(Payload::Ke(KePayload {
-            group: group.id(),
+            group: group.iana_id(),
             data: pair.public_value().to_vec(),
         }));
         payloads.push(Payload::Nonce(self.init.ni.clone()));
         payloads.push(Payload::Notify(NotifyPayload::nat_detection_source(
-            self.spi_i, 0, self.local,
+            self.cur.spi_i,
+            0,
+            self.local,
         )));
         payloads.push(Payload::Notify(NotifyPayload::nat_detection_destination(
-            self.spi_i,
+            self.cur.spi_i,
             0,
             self.remote,
         )));
@@ -1728,7 +2725,7 @@ impl IkeSa {
             .map_err(|e| failure("internal", e))?;
         self.init.dh = Some(pair);
         self.init.request = bytes.clone();
-        self.our_next_id = 0;
+        self.cur.our_next_id = 0;
         self.send_request(now, RequestKind::Init, bytes);
         Ok(())
     }
@@ -1757,7 +2754,7 @@ impl IkeSa {
         }
         if let Some(error) = payloads.notifies().find(|n| n.notify_type.is_error()) {
             let reason = notify_reason(error.notify_type);
-            self.pending = None;
+            self.cur.pending = None;
             self.fail(failure(
                 reason,
                 format!("the responder answered {}", error.notify_type),
@@ -1787,7 +2784,7 @@ impl IkeSa {
         ) {
             Ok(a) => a,
             Err(e) => {
-                self.pending = None;
+                self.cur.pending = None;
                 self.fail(failure("bad_proposal_reply", e));
                 return Ok(());
             }
@@ -1804,28 +2801,28 @@ impl IkeSa {
             shared.as_bytes(),
             &self.init.ni,
             nr,
-            self.spi_i,
+            self.cur.spi_i,
             header.spi_r,
         )
         .map_err(|_| reject("internal"))?;
-        let nat = detect_nat(&payloads, self.spi_i, header.spi_r, dg.src, dg.dst);
+        let nat = detect_nat(&payloads, self.cur.spi_i, header.spi_r, dg.src, dg.dst);
 
         self.complete_request();
-        self.spi_r = header.spi_r;
+        self.cur.spi_r = header.spi_r;
         self.init.nr = nr.to_vec();
         self.init.response = dg.payload.clone();
         self.init.peer_sig_hashes = signature_hashes(&payloads);
         self.init.dh = None;
-        self.suite = Some(suite);
-        self.keys = Some(keys);
+        self.cur.suite = Some(suite);
+        self.cur.keys = Some(keys);
         self.nat_detected = nat;
         if nat {
             // RFC 7296 §2.23: after a NAT is detected, IKE moves to 4500.
             self.local.set_port(NAT_T_PORT_DEFAULT);
             self.remote.set_port(NAT_T_PORT_DEFAULT);
         }
-        self.our_next_id = 1;
-        self.peer_next_id = 0;
+        self.cur.our_next_id = 1;
+        self.cur.peer_next_id = 0;
         match self.send_auth_request(now) {
             Ok(()) => {
                 self.state = State::AuthSent;
@@ -1839,19 +2836,19 @@ impl IkeSa {
     }
 
     fn retry_with_group(&mut self, now: Instant, group: u16) -> Handled {
-        let offered = proposal::DhGroup::from_id(group)
+        let offered = proposal::DhGroup::from_iana_id(group)
             .filter(|g| self.config.ike_proposals.iter().any(|p| p.dh.contains(g)));
         match offered {
             Some(g) if !self.init.ke_retried => {
                 self.init.ke_retried = true;
-                self.pending = None;
+                self.cur.pending = None;
                 if let Err(f) = self.send_init_request(now, g) {
                     self.fail(f);
                 }
                 Ok(())
             }
             _ => {
-                self.pending = None;
+                self.cur.pending = None;
                 self.fail(failure(
                     "invalid_ke_payload",
                     format!("the responder wants DH group {group}, which we do not offer or already tried"),
@@ -1870,10 +2867,7 @@ impl IkeSa {
         let Some(group) = self.init.dh.as_ref().map(KeyPair::group) else {
             return Err(reject("internal"));
         };
-        let Some(group) = proposal::DhGroup::from_id(group.iana_id()) else {
-            return Err(reject("internal"));
-        };
-        self.pending = None;
+        self.cur.pending = None;
         if let Err(f) = self.send_init_request(now, group) {
             self.fail(f);
         }
@@ -1900,20 +2894,31 @@ impl IkeSa {
                 vec![],
             )));
         }
-        if self.config.mode == ChildMode::Transport {
+        let child = self
+            .config
+            .children
+            .get(self.init.child)
+            .ok_or_else(|| failure("config", "no such child"))?;
+        if child.mode == ChildMode::Transport {
             payloads.push(Payload::Notify(NotifyPayload::new(
                 NotifyType::USE_TRANSPORT_MODE,
                 vec![],
             )));
         }
         payloads.push(Payload::Sa(offer(
-            &self.config.esp_proposals,
+            &child.esp_proposals,
             &child_spi.to_be_bytes(),
             DhMode::Skip,
         )));
-        payloads.push(Payload::TsI(ts_payload(&self.config.local_ts)));
-        payloads.push(Payload::TsR(ts_payload(&self.config.remote_ts)));
-        let header = Header::request(ExchangeType::IKE_AUTH, self.spi_i, self.spi_r, 1, true);
+        payloads.push(Payload::TsI(ts_payload(&child.local_ts)));
+        payloads.push(Payload::TsR(ts_payload(&child.remote_ts)));
+        let header = Header::request(
+            ExchangeType::IKE_AUTH,
+            self.cur.spi_i,
+            self.cur.spi_r,
+            1,
+            true,
+        );
         let bytes = self
             .seal(header, &payloads)
             .map_err(|e| failure("internal", e))?;
@@ -1922,7 +2927,7 @@ impl IkeSa {
     }
 
     /// IKE_AUTH response: authenticate the responder, then the Child SA.
-    fn handle_auth_response(&mut self, view: &MessageView<'_>) -> Handled {
+    fn handle_auth_response(&mut self, now: Instant, view: &MessageView<'_>) -> Handled {
         if view.header().exchange != ExchangeType::IKE_AUTH {
             return Err(reject("unexpected_exchange"));
         }
@@ -1960,14 +2965,13 @@ impl IkeSa {
             return Ok(());
         }
         self.state = State::Established;
-        self.peer_next_id = 0;
+        self.cur.peer_next_id = 0;
         self.push_established(Identity::from_payload(idr), false);
+        self.arm_ike_timers(now);
+        let config = self.init.child;
         match self.child_from_response(&payloads) {
-            Ok(child) => self.install_child(child),
-            Err(f) => self.events.push_back(IkeEvent::ChildSaFailed {
-                name: self.config.name.clone(),
-                reason: f.reason,
-            }),
+            Ok(child) => self.install_child(now, config, child),
+            Err(f) => self.child_failed(config, f.reason),
         }
         Ok(())
     }
@@ -1980,18 +2984,24 @@ impl IkeSa {
         else {
             return Err(failure("invalid_syntax", "no SA, TSi or TSr"));
         };
-        let agreed = accept_reply(&self.config.esp_proposals, sa, DhMode::Skip)
+        let config = self.init.child;
+        let child = self
+            .config
+            .children
+            .get(config)
+            .ok_or_else(|| failure("config", "no such child"))?;
+        let agreed = accept_reply(&child.esp_proposals, sa, DhMode::Skip)
             .map_err(|e| failure("bad_proposal_reply", e))?;
-        let (local_ts, remote_ts) =
-            replied_selectors(&self.config, &tsi.selectors, &tsr.selectors)?;
+        let (local_ts, remote_ts) = replied_selectors(child, &tsi.selectors, &tsr.selectors)?;
         let transport = payloads.notify(NotifyType::USE_TRANSPORT_MODE).is_some();
-        let mode = match (self.config.mode, transport) {
+        let mode = match (child.mode, transport) {
             (ChildMode::Transport, true) => ChildMode::Transport,
             (ChildMode::Tunnel, false) => ChildMode::Tunnel,
             _ => return Err(failure("mode_mismatch", "the responder chose another mode")),
         };
         let inbound_spi = self.init.child_spi;
         self.child_from_agreed(
+            config,
             &agreed,
             inbound_spi,
             mode,
@@ -2005,8 +3015,10 @@ impl IkeSa {
 
     /// The Child SA an agreement gives, with its KEYMAT (RFC 7296 §2.17):
     /// the exchange initiator's outbound keys are initiator→responder.
+    #[allow(clippy::too_many_arguments)]
     fn child_from_agreed(
         &self,
+        config: usize,
         agreed: &proposal::Agreed,
         inbound_spi: u32,
         mode: ChildMode,
@@ -2025,11 +3037,12 @@ impl IkeSa {
             .map(u32::from_be_bytes)
             .map_err(|_| failure("invalid_syntax", "an ESP SPI is not 4 octets"))?;
         let keys = self
+            .cur
             .keys
             .as_ref()
             .ok_or_else(|| failure("internal", "no IKE keys"))?;
-        let lengths = ChildSaKeyLengths::for_esp(crypto_encryption(esp.encryption), None)
-            .map_err(|e| failure("internal", e))?;
+        let lengths =
+            ChildSaKeyLengths::for_esp(esp.encryption, None).map_err(|e| failure("internal", e))?;
         let child_keys = keys
             .child_sa_keys(keymat.shared, keymat.ni, keymat.nr, lengths)
             .map_err(|e| failure("internal", e))?;
@@ -2044,14 +3057,22 @@ impl IkeSa {
                 child_keys.initiator_to_responder,
             )
         };
+        let name = self
+            .config
+            .children
+            .get(config)
+            .ok_or_else(|| failure("internal", "no child config"))?
+            .name
+            .clone();
         Ok(ChildSaEstablished {
-            name: self.config.name.clone(),
+            name,
             mode,
             inbound_spi,
             outbound_spi,
             aead,
             esn: esp.esn == proposal::Esn::Yes,
             rekeys: None,
+            initiated: keymat.we_initiated,
             inbound_keys,
             outbound_keys,
             local_ts,
@@ -2072,31 +3093,47 @@ impl IkeSa {
             shared: None,
             ni: &self.init.ni,
             nr: &self.init.nr,
-            we_initiated: self.role == Role::Initiator,
+            we_initiated: self.cur.role == Role::Initiator,
         }
     }
 
-    fn install_child(&mut self, child: ChildSaEstablished) {
+    /// Remembers a new Child SA with its rekey and life timers; a rekeyed
+    /// one's predecessor is not rekeyed again (the new one is).
+    fn install_child(&mut self, now: Instant, config: usize, child: ChildSaEstablished) {
+        let (rekey_time, life_time) = self
+            .config
+            .children
+            .get(config)
+            .map_or((None, None), |c| (c.rekey_time, c.life_time));
+        let rekey_at = rekey_time.map(|t| self.jittered(now, t));
+        if let Some(old) = child.rekeys {
+            if let Some(c) = self.children.iter_mut().find(|c| c.inbound_spi == old) {
+                c.rekey_at = None;
+            }
+        }
         self.children.push(ChildSa {
             name: child.name.clone(),
+            config,
             inbound_spi: child.inbound_spi,
             outbound_spi: child.outbound_spi,
             mode: child.mode,
             local_ts: child.local_ts.clone(),
             remote_ts: child.remote_ts.clone(),
+            rekey_at,
+            expire_at: life_time.map(|t| later(now, t)),
         });
         self.events.push_back(IkeEvent::ChildSaEstablished(child));
     }
 
     fn push_established(&mut self, remote_id: Identity, initial_contact: bool) {
-        let Some(suite) = self.suite else { return };
+        let Some(suite) = self.cur.suite else { return };
         self.events.push_back(IkeEvent::IkeSaEstablished {
             local_id: self.config.local_id.clone(),
             remote_id,
             suite,
-            spi_i: self.spi_i,
-            spi_r: self.spi_r,
-            initiator: self.role == Role::Initiator,
+            spi_i: self.cur.spi_i,
+            spi_r: self.cur.spi_r,
+            initiator: self.original_role == Role::Initiator,
             local: self.local,
             remote: self.remote,
             nat_detected: self.nat_detected,
@@ -2107,10 +3144,11 @@ impl IkeSa {
     /// Our AUTH payload over our ID payload (RFC 7296 §2.15).
     fn our_auth(&self, our_id: &IdPayload) -> Result<AuthPayload, Failure> {
         let keys = self
+            .cur
             .keys
             .as_ref()
             .ok_or_else(|| failure("internal", "no keys"))?;
-        let octets = match self.role {
+        let octets = match self.cur.role {
             Role::Initiator => keys.initiator_signed_octets(
                 &self.init.request,
                 &self.init.nr,
@@ -2150,10 +3188,11 @@ impl IkeSa {
             ));
         }
         let keys = self
+            .cur
             .keys
             .as_ref()
             .ok_or_else(|| failure("internal", "no keys"))?;
-        let octets = match self.role {
+        let octets = match self.cur.role {
             Role::Responder => keys.initiator_signed_octets(
                 &self.init.request,
                 &self.init.nr,
@@ -2205,9 +3244,9 @@ impl IkeSa {
     fn tell_auth_failed(&mut self) {
         let header = Header::request(
             ExchangeType::INFORMATIONAL,
-            self.spi_i,
-            self.spi_r,
-            self.our_next_id,
+            self.cur.spi_i,
+            self.cur.spi_r,
+            self.cur.our_next_id,
             true,
         );
         let notify = Payload::Notify(NotifyPayload::new(
@@ -2227,8 +3266,8 @@ impl IkeSa {
     /// The cipher of what we send, and of what the peer sends: by the
     /// original initiator, not by who sends the request.
     fn ciphers(&self) -> Option<(&SkCipher, &SkCipher)> {
-        let keys = self.keys.as_ref()?;
-        Some(match self.role {
+        let keys = self.cur.keys.as_ref()?;
+        Some(match self.cur.role {
             Role::Initiator => (keys.initiator_cipher(), keys.responder_cipher()),
             Role::Responder => (keys.responder_cipher(), keys.initiator_cipher()),
         })
@@ -2250,8 +3289,8 @@ impl IkeSa {
 
     /// An encrypted message with `payloads` inside its SK payload.
     fn seal(&mut self, header: Header, payloads: &[Payload]) -> Result<Vec<u8>, String> {
-        let keys = self.keys.as_ref().ok_or("no keys")?;
-        let ours = match self.role {
+        let keys = self.cur.keys.as_ref().ok_or("no keys")?;
+        let ours = match self.cur.role {
             Role::Initiator => keys.initiator_cipher(),
             Role::Responder => keys.responder_cipher(),
         };
@@ -2277,12 +3316,12 @@ impl IkeSa {
             dst: dg.src,
             payload,
         };
-        self.cached = Some(CachedResponse {
+        self.cur.cached = Some(CachedResponse {
             message_id,
             request: dg.payload.clone(),
             response: response.clone(),
         });
-        self.peer_next_id = message_id.wrapping_add(1);
+        self.cur.peer_next_id = message_id.wrapping_add(1);
         self.stats.requests_answered += 1;
         self.transmit.push_back(response);
     }
@@ -2293,9 +3332,9 @@ impl IkeSa {
             dst: self.remote,
             payload,
         };
-        self.pending = Some(Pending {
+        self.cur.pending = Some(Pending {
             kind,
-            message_id: self.our_next_id,
+            message_id: self.cur.our_next_id,
             datagram: datagram.clone(),
             sent: 1,
             deadline: later(now, self.config.retransmit.interval(1)),
@@ -2305,14 +3344,13 @@ impl IkeSa {
 
     /// Our outstanding request was answered.
     fn complete_request(&mut self) {
-        if self.pending.take().is_some() {
-            self.our_next_id = self.our_next_id.wrapping_add(1);
+        if self.cur.pending.take().is_some() {
+            self.cur.our_next_id = self.cur.our_next_id.wrapping_add(1);
         }
     }
 
     fn fail(&mut self, f: Failure) {
-        self.state = State::Closed;
-        self.pending = None;
+        self.close();
         self.events.push_back(IkeEvent::Failed {
             reason: f.reason,
             detail: f.detail,
@@ -2320,10 +3358,20 @@ impl IkeSa {
     }
 
     fn close_deleted(&mut self) {
-        self.state = State::Closed;
-        self.pending = None;
+        self.close();
         self.children.clear();
         self.events.push_back(IkeEvent::Deleted);
+    }
+
+    /// Closed: nothing is sent or timed any more.
+    fn close(&mut self) {
+        self.state = State::Closed;
+        self.cur.pending = None;
+        self.olds.clear();
+        self.peer_rekey = None;
+        self.queue.clear();
+        self.child_exchange = None;
+        self.ike_rekey = None;
     }
 }
 
@@ -2345,6 +3393,16 @@ fn signature_hashes(payloads: &[Payload]) -> Option<Vec<u16>> {
 
 fn later(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or(now)
+}
+
+/// The group an INVALID_KE_PAYLOAD answer asks for, if it is another than
+/// `sent` and we have not retried yet.
+fn wanted_group(payloads: &[Payload], sent: DhGroup, retried: bool) -> Option<DhGroup> {
+    payloads
+        .notifies()
+        .find_map(NotifyPayload::invalid_ke_group)
+        .and_then(DhGroup::from_iana_id)
+        .filter(|g| *g != sent && !retried)
 }
 
 /// The counter reason of an error notify a peer sent.
@@ -2390,22 +3448,9 @@ fn detect_nat(
     peer_behind_nat || we_behind_nat
 }
 
-fn crypto_encryption(e: proposal::Encryption) -> crypto::Encryption {
-    match e {
-        proposal::Encryption::Aes128Cbc => crypto::Encryption::AesCbc128,
-        proposal::Encryption::Aes256Cbc => crypto::Encryption::AesCbc256,
-        proposal::Encryption::Aes128Gcm16 => crypto::Encryption::AesGcm16_128,
-        proposal::Encryption::Aes256Gcm16 => crypto::Encryption::AesGcm16_256,
-        proposal::Encryption::ChaCha20Poly1305 => crypto::Encryption::ChaCha20Poly1305,
-    }
-}
-
-fn crypto_integrity(i: proposal::Integrity) -> Option<crypto::Integrity> {
-    crypto::Integrity::from_iana_id(i.transform_id())
-}
-
-fn crypto_prf(p: proposal::Prf) -> Option<crypto::Prf> {
-    crypto::Prf::from_iana_id(p.transform_id())
+/// The negotiated suite's transforms as the key schedule takes them.
+fn crypto_suite(suite: &proposal::IkeSuite) -> Result<crypto::IkeSuite, String> {
+    crypto::IkeSuite::new(suite.encryption, suite.integrity, suite.prf).map_err(|e| e.to_string())
 }
 
 fn derive_ike_keys(
@@ -2416,15 +3461,8 @@ fn derive_ike_keys(
     spi_i: u64,
     spi_r: u64,
 ) -> Result<IkeSaKeys, String> {
-    let integrity = match suite.integrity {
-        Some(i) => Some(crypto_integrity(i).ok_or("integrity without an implementation")?),
-        None => None,
-    };
-    let prf = crypto_prf(suite.prf).ok_or("PRF without an implementation")?;
-    let crypto_suite = crypto::IkeSuite::new(crypto_encryption(suite.encryption), integrity, prf)
-        .map_err(|e| e.to_string())?;
     IkeSaKeys::initial(
-        crypto_suite,
+        crypto_suite(suite)?,
         shared,
         ni,
         nr,
@@ -2434,18 +3472,36 @@ fn derive_ike_keys(
     .map_err(|e| e.to_string())
 }
 
+/// What the log says about a rejected datagram: its size, addresses and,
+/// if the header decodes, exchange, message ID and flags.
+fn describe_datagram(dg: &Datagram) -> String {
+    let mut text = format!("{} octets from {} to {}", dg.payload.len(), dg.src, dg.dst);
+    if let Ok(view) = MessageView::new_checked(&dg.payload) {
+        let h = view.header();
+        text.push_str(&format!(
+            ": {} {} {}",
+            h.exchange,
+            if h.flags.is_response() {
+                "response"
+            } else {
+                "request"
+            },
+            h.message_id
+        ));
+    }
+    text
+}
+
 fn ts_payload(ranges: &[TsRange]) -> TsPayload {
     TsPayload {
         selectors: ranges.iter().copied().map(TrafficSelector::Range).collect(),
     }
 }
 
-/// The address-range selectors of a TS payload (others are ignored: bitw
-/// has no use for them).
 /// The selectors a responder answered with, as ranges, if they are within
 /// what `config` proposes (an initiator never accepts wider ones).
 fn replied_selectors(
-    config: &Config,
+    config: &ChildConfig,
     tsi: &[TrafficSelector],
     tsr: &[TrafficSelector],
 ) -> Result<(Vec<TsRange>, Vec<TsRange>), Failure> {
@@ -2464,6 +3520,8 @@ fn replied_selectors(
     Ok((local_ts, remote_ts))
 }
 
+/// The address-range selectors of a TS payload (others are ignored: bitw
+/// has no use for them).
 fn ranges(selectors: &[TrafficSelector]) -> Vec<TsRange> {
     selectors
         .iter()

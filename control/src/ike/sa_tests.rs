@@ -50,26 +50,37 @@ fn config(name: &str, local: &str, remote: &str, psk: &[u8]) -> Config {
         send_initial_contact: true,
         auth: Auth::Psk(Psk::new(psk.to_vec())),
         ike_proposals: parse_proposals(Protocol::Ike, "aes128gcm16-prfsha256-x25519").unwrap(),
-        esp_proposals: parse_proposals(Protocol::Esp, "aes128gcm16").unwrap(),
-        local_ts: vec![],
-        remote_ts: vec![],
-        mode: ChildMode::Tunnel,
-        lifetimes: Lifetimes::default(),
+        children: vec![child_config("net", &[], &[])],
+        ike_rekey_time: None,
+        dpd_delay: None,
+        keepalive_interval: None,
         retransmit: Retransmit::default(),
+    }
+}
+
+fn child_config(name: &str, local: &[&str], remote: &[&str]) -> ChildConfig {
+    ChildConfig {
+        name: name.to_string(),
+        esp_proposals: parse_proposals(Protocol::Esp, "aes128gcm16").unwrap(),
+        local_ts: local.iter().map(|s| prefix(s)).collect(),
+        remote_ts: remote.iter().map(|s| prefix(s)).collect(),
+        mode: ChildMode::Tunnel,
+        rekey_time: None,
+        life_time: None,
     }
 }
 
 fn initiator_config() -> Config {
     let mut c = config("net", "left.example", "right.example", b"secret");
-    c.local_ts = vec![prefix("10.1.0.0/16")];
-    c.remote_ts = vec![prefix("10.2.0.0/16")];
+    c.children[0].local_ts = vec![prefix("10.1.0.0/16")];
+    c.children[0].remote_ts = vec![prefix("10.2.0.0/16")];
     c
 }
 
 fn responder_config() -> Config {
     let mut c = config("net", "right.example", "left.example", b"secret");
-    c.local_ts = vec![prefix("10.2.0.0/16")];
-    c.remote_ts = vec![prefix("10.1.0.0/16")];
+    c.children[0].local_ts = vec![prefix("10.2.0.0/16")];
+    c.children[0].remote_ts = vec![prefix("10.1.0.0/16")];
     c
 }
 
@@ -90,6 +101,7 @@ impl Pair {
         let initiator = IkeSa::initiate(
             now,
             i,
+            "net",
             addr(I_ADDR),
             addr(R_ADDR),
             Box::new(TestRng(1)),
@@ -149,6 +161,33 @@ impl Pair {
         while let Some(e) = self.responder.poll_event() {
             self.r_events.push(e);
         }
+    }
+
+    /// Runs both engines' timers up to `end`, delivering what they send.
+    fn run_until(&mut self, end: Instant) {
+        for _ in 0..10_000 {
+            self.pump();
+            let next = [self.initiator.poll_timeout(), self.responder.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            match next {
+                Some(t) if t <= end => {
+                    self.now = self.now.max(t);
+                    self.initiator.handle_timeout(self.now);
+                    self.responder.handle_timeout(self.now);
+                }
+                _ => {
+                    self.now = end;
+                    return;
+                }
+            }
+        }
+        panic!("the timers never settled");
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        self.run_until(self.now + d);
     }
 
     fn advance(&mut self, by: Duration) {
@@ -279,7 +318,7 @@ fn every_ike_cipher_and_group_establishes() {
         let mut r = responder_config();
         for c in [&mut i, &mut r] {
             c.ike_proposals = parse_proposals(Protocol::Ike, ike).unwrap();
-            c.esp_proposals = parse_proposals(Protocol::Esp, esp).unwrap();
+            c.children[0].esp_proposals = parse_proposals(Protocol::Esp, esp).unwrap();
         }
         let mut p = Pair::new(i, r);
         p.pump();
@@ -292,15 +331,15 @@ fn every_ike_cipher_and_group_establishes() {
 fn transport_mode_only_when_both_want_it() {
     let mut i = initiator_config();
     let mut r = responder_config();
-    i.mode = ChildMode::Transport;
-    r.mode = ChildMode::Transport;
+    i.children[0].mode = ChildMode::Transport;
+    r.children[0].mode = ChildMode::Transport;
     let mut p = Pair::new(i, r);
     p.pump();
     assert_eq!(child(&p.i_events).mode, ChildMode::Transport);
     assert_eq!(child(&p.r_events).mode, ChildMode::Transport);
 
     let mut i = initiator_config();
-    i.mode = ChildMode::Transport;
+    i.children[0].mode = ChildMode::Transport;
     let mut p = Pair::new(i, responder_config());
     p.pump();
     assert_eq!(child(&p.r_events).mode, ChildMode::Tunnel);
@@ -421,7 +460,7 @@ fn ike_proposal_mismatch_is_no_proposal_chosen() {
 #[test]
 fn esp_proposal_mismatch_keeps_the_ike_sa_without_a_child() {
     let mut r = responder_config();
-    r.esp_proposals = parse_proposals(Protocol::Esp, "chacha20poly1305").unwrap();
+    r.children[0].esp_proposals = parse_proposals(Protocol::Esp, "chacha20poly1305").unwrap();
     let mut p = Pair::new(initiator_config(), r);
     p.pump();
     assert!(p.initiator.is_established());
@@ -433,7 +472,7 @@ fn esp_proposal_mismatch_keeps_the_ike_sa_without_a_child() {
 #[test]
 fn traffic_selectors_are_narrowed_by_the_responder() {
     let mut r = responder_config();
-    r.local_ts = vec![prefix("10.2.3.0/24")];
+    r.children[0].local_ts = vec![prefix("10.2.3.0/24")];
     let mut p = Pair::new(initiator_config(), r);
     p.pump();
     let (i, r) = (child(&p.i_events), child(&p.r_events));
@@ -445,7 +484,7 @@ fn traffic_selectors_are_narrowed_by_the_responder() {
 #[test]
 fn disjoint_traffic_selectors_are_ts_unacceptable() {
     let mut r = responder_config();
-    r.local_ts = vec![prefix("192.168.0.0/16")];
+    r.children[0].local_ts = vec![prefix("192.168.0.0/16")];
     let mut p = Pair::new(initiator_config(), r);
     p.pump();
     assert_eq!(child_failed(&p.r_events), Some("ts_unacceptable"));
@@ -667,8 +706,8 @@ fn liveness_checks_are_answered_both_ways() {
     p.pump();
     assert!(p.initiator.send_liveness_check(p.now));
     assert!(
-        !p.initiator.send_liveness_check(p.now),
-        "one request at a time"
+        p.initiator.send_liveness_check(p.now),
+        "merged with the outstanding one"
     );
     p.pump();
     assert_eq!(p.initiator.poll_timeout(), None);
@@ -766,7 +805,7 @@ fn pfs_configs() -> (Config, Config) {
     let mut i = initiator_config();
     let mut r = responder_config();
     for c in [&mut i, &mut r] {
-        c.esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-x25519").unwrap();
+        c.children[0].esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-x25519").unwrap();
     }
     (i, r)
 }
@@ -780,7 +819,7 @@ fn a_child_rekey_with_pfs_is_answered_with_matching_keys() {
         child(&p.i_events).inbound_spi,
         child(&p.r_events).inbound_spi,
     );
-    let esp = p.initiator.config.esp_proposals.clone();
+    let esp = p.initiator.config.children[0].esp_proposals.clone();
     let pair = KeyPair::generate(dh::DhGroup::Curve25519, &mut TestRng(5)).unwrap();
     let ni = vec![9u8; 32];
     let request = vec![
@@ -808,9 +847,10 @@ fn a_child_rekey_with_pfs_is_answered_with_matching_keys() {
     let new_r_in = u32::from_be_bytes(agreed.peer_spi.as_slice().try_into().unwrap());
     let ke = reply.ke().unwrap();
     let shared = pair.agree(&ke.data).unwrap();
-    let lengths = ChildSaKeyLengths::for_esp(crypto::Encryption::AesGcm16_128, None).unwrap();
+    let lengths = ChildSaKeyLengths::for_esp(crypto::Encryption::Aes128Gcm16, None).unwrap();
     let expected = p
         .initiator
+        .cur
         .keys
         .as_ref()
         .unwrap()
@@ -847,7 +887,7 @@ fn a_child_rekey_with_pfs_is_answered_with_matching_keys() {
     );
     // The old SA goes when the rekey's initiator deletes it (the message
     // ID after the hand-made request).
-    p.initiator.our_next_id = 3;
+    p.initiator.cur.our_next_id = 3;
     assert!(p.initiator.delete_child(p.now, old_i_in));
     p.pump();
     assert!(p.r_events.iter().any(|e| matches!(e,
@@ -888,8 +928,8 @@ fn engines_rekey_a_child_sa_with_and_without_pfs_from_either_side() {
         };
         assert!(rekeyer.rekey_child(p.now, rekeyer_old));
         assert!(
-            !rekeyer.rekey_child(p.now, rekeyer_old),
-            "one request at a time"
+            rekeyer.rekey_child(p.now, rekeyer_old),
+            "merged with the outstanding one"
         );
         p.pump();
         let (new_i, new_r) = (rekeyed(&p.i_events).unwrap(), rekeyed(&p.r_events).unwrap());
@@ -901,14 +941,13 @@ fn engines_rekey_a_child_sa_with_and_without_pfs_from_either_side() {
         assert_eq!(new_i.rekeys, Some(old_i));
         assert_eq!(new_r.rekeys, Some(old_r));
         assert_eq!(new_i.local_ts, child(&p.i_events).local_ts);
-        // The rekeyer then deletes the old SA on both sides.
+        // The rekeyer deleted the old SA on both sides by itself.
         let rekeyer = if by_initiator {
             &mut p.initiator
         } else {
             &mut p.responder
         };
-        assert!(rekeyer.delete_child(p.now, rekeyer_old));
-        p.pump();
+        assert!(!rekeyer.delete_child(p.now, rekeyer_old), "already gone");
         let deleted: Vec<u32> = p
             .i_events
             .iter()
@@ -931,7 +970,8 @@ fn engines_rekey_a_child_sa_with_and_without_pfs_from_either_side() {
 #[test]
 fn create_child_sa_refusals_keep_the_ike_sa() {
     let (i, mut r) = pfs_configs();
-    r.esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-ecp256-x25519").unwrap();
+    r.children[0].esp_proposals =
+        parse_proposals(Protocol::Esp, "aes128gcm16-ecp256-x25519").unwrap();
     let mut p = Pair::new(i, r);
     p.pump();
     let esp = parse_proposals(Protocol::Esp, "aes128gcm16-ecp256-x25519").unwrap();
@@ -987,8 +1027,8 @@ fn create_child_sa_refusals_keep_the_ike_sa() {
     let reply = create_child(&mut p, 5, &request);
     assert!(reply.notify(NotifyType::TS_UNACCEPTABLE).is_some());
 
-    // Rekeying the IKE SA is not implemented.
-    let ike = p.initiator.config.ike_proposals.clone();
+    // An IKE rekey with proposals we do not accept.
+    let ike = parse_proposals(Protocol::Ike, "aes256gcm16-prfsha384-x25519").unwrap();
     let request = vec![
         Payload::Sa(offer(
             &ike,
@@ -999,7 +1039,7 @@ fn create_child_sa_refusals_keep_the_ike_sa() {
         ke(31),
     ];
     let reply = create_child(&mut p, 6, &request);
-    assert!(reply.notify(NotifyType::NO_ADDITIONAL_SAS).is_some());
+    assert!(reply.notify(NotifyType::NO_PROPOSAL_CHOSEN).is_some());
 
     // Garbage inside a valid SK payload.
     let reply = create_child(&mut p, 7, &[Payload::Nonce(vec![1; 32])]);
@@ -1010,14 +1050,14 @@ fn create_child_sa_refusals_keep_the_ike_sa() {
         "child_sa_not_found",
         "invalid_ke_payload",
         "ts_unacceptable",
-        "no_additional_sas",
+        "no_proposal_chosen",
         "invalid_syntax",
     ] {
         assert_eq!(sent.get(reason), Some(&1), "{reason}");
     }
     assert!(p.responder.is_established());
     // The initiator's own counter did not move with the hand-made requests.
-    p.initiator.our_next_id = 8;
+    p.initiator.cur.our_next_id = 8;
     assert!(p.initiator.send_liveness_check(p.now));
     p.pump();
     assert_eq!(p.initiator.poll_timeout(), None);
@@ -1323,6 +1363,663 @@ fn garbage_to_established_engines_changes_nothing() {
     p.pump();
     assert_eq!(p.initiator.poll_timeout(), None);
     assert!(p.initiator.is_established() && p.responder.is_established());
+}
+
+// ------------------------------------------------------------------ several Child SAs
+
+fn children_established(events: &[IkeEvent]) -> Vec<&ChildSaEstablished> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            IkeEvent::ChildSaEstablished(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn deleted_children(events: &[IkeEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            IkeEvent::ChildSaDeleted { inbound_spi, .. } => Some(*inbound_spi),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rekeys(events: &[IkeEvent]) -> Vec<((u64, u64), (u64, u64))> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            IkeEvent::IkeSaRekeyed { old_spis, new_spis } => Some((*old_spis, *new_spis)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn no_trouble(p: &Pair) {
+    for events in [&p.i_events, &p.r_events] {
+        assert!(
+            events.iter().all(|e| !matches!(
+                e,
+                IkeEvent::Failed { .. }
+                    | IkeEvent::Rejected { .. }
+                    | IkeEvent::ChildSaFailed { .. }
+            )),
+            "{events:#?}"
+        );
+    }
+    assert_eq!(
+        p.initiator.stats().rejected_total() + p.responder.stats().rejected_total(),
+        0
+    );
+}
+
+/// Initiator children "net" (10.1/16 - 10.2/16) and "extra" (10.1.5/24 -
+/// 10.2.5/24, PFS); the responder has "other" (192.168/16, matching
+/// nothing), "web" (10.2.5/24, PFS) and "net".
+fn multi_child_configs() -> (Config, Config) {
+    let mut i = initiator_config();
+    let mut extra = child_config("extra", &["10.1.5.0/24"], &["10.2.5.0/24"]);
+    extra.esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-x25519").unwrap();
+    i.children.push(extra);
+    let mut r = responder_config();
+    let mut web = child_config("web", &["10.2.5.0/24"], &["10.1.0.0/16"]);
+    web.esp_proposals = parse_proposals(
+        Protocol::Esp,
+        "aes256gcm16-x25519,aes128gcm16-x25519,aes128gcm16",
+    )
+    .unwrap();
+    let net = r.children.remove(0);
+    r.children = vec![
+        child_config("other", &["192.168.0.0/16"], &["192.168.0.0/16"]),
+        web,
+        net,
+    ];
+    (i, r)
+}
+
+#[test]
+fn the_responder_takes_the_first_child_config_whose_selectors_meet() {
+    let (i, r) = multi_child_configs();
+    let mut p = Pair::new(i, r);
+    p.pump();
+    // "net" proposes 10.2.0.0/16: "web" (10.2.5.0/24) meets it first.
+    let (ci, cr) = (child(&p.i_events), child(&p.r_events));
+    assert_eq!(cr.name, "web");
+    assert_eq!(ci.name, "net");
+    assert_eq!(cr.local_ts, vec![prefix("10.2.5.0/24")]);
+    assert_eq!(ci.remote_ts, vec![prefix("10.2.5.0/24")]);
+    assert_keys_crossed(ci, cr);
+    no_trouble(&p);
+}
+
+#[test]
+fn initiating_with_an_unknown_child_fails_with_config() {
+    let mut sa = IkeSa::initiate(
+        Instant::now(),
+        initiator_config(),
+        "nope",
+        addr(I_ADDR),
+        addr(R_ADDR),
+        Box::new(TestRng(1)),
+        Box::new(CountingSpis { ike: 0, esp: 0 }),
+    );
+    assert!(sa.is_closed());
+    assert!(sa.poll_transmit().is_none());
+    assert!(matches!(
+        sa.poll_event(),
+        Some(IkeEvent::Failed {
+            reason: "config",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn create_child_sets_up_another_child_sa_from_either_side() {
+    let (i, r) = multi_child_configs();
+    let mut p = Pair::new(i, r);
+    p.pump();
+    assert!(!p.initiator.create_child(p.now, "nope"));
+    assert!(p.initiator.create_child(p.now, "extra"));
+    p.pump();
+    let (ci, cr) = (
+        children_established(&p.i_events),
+        children_established(&p.r_events),
+    );
+    assert_eq!(ci.len(), 2);
+    assert_eq!(cr.len(), 2);
+    assert_eq!((ci[1].name.as_str(), cr[1].name.as_str()), ("extra", "web"));
+    assert_eq!((ci[1].rekeys, cr[1].rekeys), (None, None));
+    assert_keys_crossed(ci[1], cr[1]);
+    assert_eq!(ci[1].aead, AeadAlg::Aes128Gcm16);
+    assert_eq!(ci[1].local_ts, vec![prefix("10.1.5.0/24")]);
+    // The responder's side: its "net" with the whole prefixes.
+    assert!(p.responder.create_child(p.now, "net"));
+    p.pump();
+    let (ci, cr) = (
+        children_established(&p.i_events),
+        children_established(&p.r_events),
+    );
+    assert_eq!((ci.len(), cr.len()), (3, 3));
+    assert_eq!((ci[2].name.as_str(), cr[2].name.as_str()), ("net", "net"));
+    assert_keys_crossed(ci[2], cr[2]);
+    no_trouble(&p);
+}
+
+#[test]
+fn a_refused_create_child_is_child_sa_failed() {
+    let mut i = initiator_config();
+    i.children
+        .push(child_config("far", &["172.16.0.0/12"], &["172.16.0.0/12"]));
+    let mut p = Pair::new(i, responder_config());
+    p.pump();
+    assert!(p.initiator.create_child(p.now, "far"));
+    p.pump();
+    assert!(p.i_events.iter().any(|e| matches!(e,
+        IkeEvent::ChildSaFailed { name, reason: "ts_unacceptable" } if name == "far")));
+    assert!(p.initiator.is_established() && p.responder.is_established());
+}
+
+// ------------------------------------------------------------------ request queue
+
+#[test]
+fn requests_queue_behind_the_outstanding_one_and_go_in_order() {
+    let (i, r) = multi_child_configs();
+    let mut p = Pair::new(i, r);
+    p.pump();
+    let first = child(&p.i_events).inbound_spi;
+    // Watch the requests on the wire: never two outstanding.
+    let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = log.clone();
+    p.wire = Box::new(move |to_responder, d| {
+        let m = Message::decode(&d.payload).unwrap();
+        seen.borrow_mut().push((to_responder, m.header));
+        Some(d)
+    });
+    assert!(p.initiator.send_liveness_check(p.now));
+    assert!(p.initiator.create_child(p.now, "extra"));
+    assert!(p.initiator.rekey_child(p.now, first));
+    assert!(p.initiator.delete_child(p.now, first));
+    assert!(p.initiator.rekey_ike(p.now));
+    assert!(
+        p.initiator.send_liveness_check(p.now),
+        "merged with the first"
+    );
+    assert!(p.initiator.create_child(p.now, "net"));
+    // Only the first went out yet.
+    assert_eq!(p.initiator.transmit.len(), 1);
+    p.pump();
+    let requests: Vec<_> = log
+        .borrow()
+        .iter()
+        .filter(|(to_r, _)| *to_r)
+        .map(|(_, h)| (h.exchange, h.spi_i, h.message_id))
+        .collect();
+    use ExchangeType as X;
+    let (old, new) = rekeys(&p.i_events)[0];
+    assert_eq!(
+        requests,
+        vec![
+            (X::INFORMATIONAL, old.0, 2),
+            (X::CREATE_CHILD_SA, old.0, 3),
+            (X::CREATE_CHILD_SA, old.0, 4),
+            (X::INFORMATIONAL, old.0, 5), // the delete, asked for and after the rekey (merged)
+            (X::CREATE_CHILD_SA, old.0, 6), // the IKE rekey
+            (X::INFORMATIONAL, old.0, 7), // the old IKE SA's Delete
+            (X::CREATE_CHILD_SA, new.0, 0), // the last Child SA, under the new SA
+        ]
+    );
+    // On each IKE SA, every request was answered before the next went out.
+    let log = log.borrow();
+    for spi in [old.0, new.0] {
+        let on_sa: Vec<_> = log.iter().filter(|(_, h)| h.spi_i == spi).collect();
+        for pair in on_sa.chunks(2) {
+            assert!(pair[0].0 && !pair[1].0, "{pair:?}");
+            assert_eq!(pair[0].1.message_id, pair[1].1.message_id);
+        }
+    }
+    assert_eq!(
+        deleted_children(&p.i_events),
+        vec![first],
+        "{:#?}",
+        p.i_events
+    );
+    assert_eq!(
+        children_established(&p.i_events).len(),
+        4,
+        "{:#?}",
+        p.i_events
+    );
+    assert_eq!(p.initiator.queue.len(), 0);
+    assert_eq!(p.initiator.poll_timeout(), None);
+    no_trouble(&p);
+}
+
+#[test]
+fn requests_are_refused_only_when_they_make_no_sense() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    // Not established yet.
+    assert!(!p.initiator.send_liveness_check(p.now));
+    assert!(!p.initiator.rekey_ike(p.now));
+    assert!(!p.initiator.create_child(p.now, "net"));
+    assert!(!p.initiator.delete(p.now));
+    p.pump();
+    assert!(!p.initiator.rekey_child(p.now, 0xdead));
+    assert!(!p.initiator.delete_child(p.now, 0xdead));
+    assert!(p.initiator.delete(p.now));
+    p.pump();
+    assert!(p.initiator.is_closed());
+    assert!(!p.initiator.send_liveness_check(p.now));
+    assert!(!p.initiator.rekey_ike(p.now));
+}
+
+// ------------------------------------------------------------------ timers
+
+#[test]
+fn a_child_sa_is_rekeyed_at_its_rekey_time_with_jitter_and_the_old_one_deleted() {
+    let mut i = initiator_config();
+    i.children[0].rekey_time = Some(Duration::from_secs(1000));
+    i.children[0].life_time = Some(Duration::from_secs(1100));
+    let mut p = Pair::new(i, responder_config());
+    p.pump();
+    let start = p.now;
+    let old = child(&p.i_events).inbound_spi;
+    let at = p.initiator.poll_timeout().unwrap();
+    assert!(at > start + Duration::from_secs(899) && at <= start + Duration::from_secs(1000));
+    p.run_for(Duration::from_secs(899));
+    assert!(rekeyed(&p.i_events).is_none());
+    p.run_for(Duration::from_secs(101));
+    let new = rekeyed(&p.i_events).expect("rekeyed").inbound_spi;
+    assert_eq!(rekeyed(&p.i_events).unwrap().rekeys, Some(old));
+    assert_eq!(deleted_children(&p.i_events), vec![old]);
+    // The new one is rekeyed in turn, about 1000 s later; never deleted by
+    // its life time because the rekey comes first.
+    p.run_for(Duration::from_secs(1000));
+    let all = children_established(&p.i_events);
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[2].rekeys, Some(new));
+    assert_eq!(deleted_children(&p.i_events), vec![old, new]);
+    no_trouble(&p);
+}
+
+#[test]
+fn a_child_sa_is_deleted_at_its_life_time() {
+    let mut r = responder_config();
+    r.children[0].life_time = Some(Duration::from_secs(50));
+    let mut p = Pair::new(initiator_config(), r);
+    p.pump();
+    let spi = child(&p.r_events).inbound_spi;
+    p.run_for(Duration::from_secs(49));
+    assert!(deleted_children(&p.r_events).is_empty());
+    p.run_for(Duration::from_secs(1));
+    assert_eq!(deleted_children(&p.r_events), vec![spi]);
+    assert_eq!(deleted_children(&p.i_events).len(), 1);
+    assert!(p.responder.is_established());
+    assert_eq!(p.responder.poll_timeout(), None);
+}
+
+#[test]
+fn the_ike_sa_is_rekeyed_at_its_rekey_time() {
+    let mut r = responder_config();
+    r.ike_rekey_time = Some(Duration::from_secs(3600));
+    let mut p = Pair::new(initiator_config(), r);
+    p.pump();
+    p.run_for(Duration::from_secs(3239));
+    assert!(rekeys(&p.r_events).is_empty());
+    p.run_for(Duration::from_secs(361));
+    assert_eq!(rekeys(&p.r_events).len(), 1);
+    assert_eq!(rekeys(&p.i_events), rekeys(&p.r_events));
+    // And again about an hour later, under the new SA.
+    p.run_for(Duration::from_secs(3600));
+    assert_eq!(rekeys(&p.r_events).len(), 2);
+    assert_eq!(p.initiator.spis(), p.responder.spis());
+    no_trouble(&p);
+}
+
+#[test]
+fn dpd_checks_a_silent_peer_and_fails_when_it_is_gone() {
+    let mut i = initiator_config();
+    i.dpd_delay = Some(Duration::from_secs(30));
+    let mut p = Pair::new(i, responder_config());
+    p.pump();
+    assert_eq!(
+        p.initiator.poll_timeout(),
+        Some(p.now + Duration::from_secs(30))
+    );
+    p.run_for(Duration::from_secs(30));
+    assert_eq!(
+        p.responder.stats().requests_answered,
+        3,
+        "one liveness check"
+    );
+    // Traffic from the peer postpones the next check.
+    p.run_for(Duration::from_secs(20));
+    assert!(p.responder.send_liveness_check(p.now));
+    p.pump();
+    p.run_for(Duration::from_secs(29));
+    assert_eq!(p.responder.stats().requests_answered, 3);
+    p.run_for(Duration::from_secs(1));
+    assert_eq!(p.responder.stats().requests_answered, 4);
+    // The peer disappears: the check goes unanswered and the SA fails.
+    p.wire = Box::new(|_, _| None);
+    p.run_for(Duration::from_secs(600));
+    assert_eq!(failed(&p.i_events), Some("timeout"));
+    assert!(p.initiator.is_closed());
+    assert_eq!(p.initiator.poll_timeout(), None);
+}
+
+#[test]
+fn nat_t_keepalives_go_from_4500_to_4500_while_a_nat_is_detected() {
+    let mut i = initiator_config();
+    i.keepalive_interval = Some(Duration::from_secs(20));
+    let mut p = Pair::new(i, responder_config());
+    // A NAT in front of the initiator.
+    p.wire = Box::new(|to_responder, mut d| {
+        if to_responder {
+            d.src = SocketAddr::new("203.0.113.5".parse().unwrap(), d.src.port() + 1000);
+        } else {
+            d.dst = SocketAddr::new("10.0.0.1".parse().unwrap(), d.dst.port() - 1000);
+        }
+        Some(d)
+    });
+    p.pump();
+    assert!(p.initiator.nat_detected());
+    p.now += Duration::from_secs(20);
+    p.initiator.handle_timeout(p.now);
+    let keepalive = p.initiator.poll_transmit().expect("a keepalive");
+    assert_eq!(keepalive.payload, vec![0xff]);
+    assert_eq!(
+        (keepalive.src, keepalive.dst),
+        (addr("10.0.0.1:4500"), addr("10.0.0.2:4500"))
+    );
+    assert!(p.initiator.poll_transmit().is_none());
+    assert_eq!(
+        p.initiator.poll_timeout(),
+        Some(p.now + Duration::from_secs(20))
+    );
+    // A keepalive reaching an engine is rejected harmlessly.
+    p.responder.handle(p.now, keepalive);
+    assert!(p.responder.is_established());
+    // Without a NAT, no keepalives.
+    let mut i = initiator_config();
+    i.keepalive_interval = Some(Duration::from_secs(20));
+    let mut p = Pair::new(i, responder_config());
+    p.pump();
+    assert_eq!(p.initiator.poll_timeout(), None);
+}
+
+// ------------------------------------------------------------------ IKE SA rekey
+
+#[test]
+fn the_ike_sa_is_rekeyed_from_either_side_and_keeps_working() {
+    for by_initiator in [true, false] {
+        let (i, r) = pfs_configs();
+        let mut p = Pair::new(i, r);
+        p.pump();
+        let before = p.initiator.spis();
+        // A request under the old SA, to replay later.
+        assert!(p.initiator.send_liveness_check(p.now));
+        let old_request = p.initiator.transmit.front().cloned().unwrap();
+        p.pump();
+        let rekeyer = if by_initiator {
+            &mut p.initiator
+        } else {
+            &mut p.responder
+        };
+        assert!(rekeyer.rekey_ike(p.now));
+        p.pump();
+        let (ri, rr) = (rekeys(&p.i_events), rekeys(&p.r_events));
+        assert_eq!(ri.len(), 1, "{by_initiator}");
+        assert_eq!(ri, rr);
+        let (old, new) = ri[0];
+        assert_eq!(old, before);
+        assert_eq!(p.initiator.spis(), new);
+        assert_eq!(p.responder.spis(), new);
+        assert_ne!(new.0, old.0);
+        assert_ne!(new.1, old.1);
+        // The rekey's initiator is the new SA's initiator (its SPI first).
+        if by_initiator {
+            assert_eq!(new.0 & 0xf000, 0x1000);
+        } else {
+            assert_eq!(new.0 & 0xf000, 0x2000);
+        }
+        // The old SA's Delete is done: only the new SPIs remain.
+        assert_eq!(p.initiator.all_spis(), vec![new]);
+        assert_eq!(p.responder.all_spis(), vec![new]);
+        assert!(p.initiator.olds.is_empty() && p.responder.olds.is_empty());
+        assert_eq!(p.initiator.cur.our_next_id + p.responder.cur.our_next_id, 0);
+        // Child SAs are created and rekeyed under the new SA.
+        let first = child(&p.i_events).inbound_spi;
+        assert!(p.initiator.rekey_child(p.now, first));
+        assert!(p.responder.create_child(p.now, "net"));
+        p.pump();
+        let (ci, cr) = (
+            children_established(&p.i_events),
+            children_established(&p.r_events),
+        );
+        assert_eq!((ci.len(), cr.len()), (3, 3));
+        for c in &ci {
+            let other = cr.iter().find(|r| r.inbound_spi == c.outbound_spi).unwrap();
+            assert_keys_crossed(c, other);
+        }
+        assert_eq!(deleted_children(&p.i_events), vec![first]);
+        assert!(p.initiator.send_liveness_check(p.now));
+        p.pump();
+        no_trouble(&p);
+        // The old SA's datagrams are no longer accepted.
+        p.responder.handle(p.now, old_request);
+        assert!(p.responder.poll_transmit().is_none());
+        assert_eq!(p.responder.stats().rejected("bad_spi"), 1);
+        p.drain_events();
+        assert!(matches!(
+            p.r_events.last(),
+            Some(IkeEvent::Rejected {
+                reason: "bad_spi",
+                ..
+            })
+        ));
+        // And the new SA can be deleted.
+        assert!(p.responder.delete(p.now));
+        p.pump();
+        assert!(p.initiator.is_closed() && p.responder.is_closed());
+    }
+}
+
+#[test]
+fn the_old_ike_sa_answers_until_its_delete_and_a_lost_rekey_response_is_repeated() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.pump();
+    // Drop the first IKE rekey response: the rekey's initiator retransmits
+    // under the old SA, the responder (already on the new SA) answers from
+    // the old SA's cache.
+    let mut dropped = false;
+    p.wire = Box::new(move |to_responder, d| {
+        let m = Message::decode(&d.payload).unwrap();
+        if !to_responder && m.header.exchange == ExchangeType::CREATE_CHILD_SA && !dropped {
+            dropped = true;
+            return None;
+        }
+        Some(d)
+    });
+    assert!(p.initiator.rekey_ike(p.now));
+    p.pump();
+    assert_eq!(rekeys(&p.r_events).len(), 1);
+    assert!(rekeys(&p.i_events).is_empty());
+    assert_eq!(p.responder.all_spis().len(), 2);
+    p.advance(Duration::from_secs(1));
+    p.pump();
+    assert_eq!(rekeys(&p.i_events), rekeys(&p.r_events));
+    assert_eq!(p.responder.stats().retransmits_answered, 1);
+    assert_eq!(p.responder.all_spis().len(), 1);
+    no_trouble(&p);
+}
+
+#[test]
+fn an_old_ike_sa_without_a_delete_is_dropped_after_a_while() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.pump();
+    // The initiator's Delete of the old SA never arrives.
+    p.wire = Box::new(|to_responder, d| {
+        let m = Message::decode(&d.payload).unwrap();
+        (!(to_responder && m.header.exchange == ExchangeType::INFORMATIONAL)).then_some(d)
+    });
+    assert!(p.initiator.rekey_ike(p.now));
+    p.pump();
+    assert_eq!(p.responder.all_spis().len(), 2);
+    p.run_for(OLD_IKE_SA_WAIT);
+    assert_eq!(p.responder.all_spis().len(), 1);
+    assert_eq!(
+        p.initiator.all_spis().len(),
+        1,
+        "gave up retransmitting the Delete"
+    );
+    assert!(p.initiator.is_established() && p.responder.is_established());
+    assert_eq!(p.initiator.poll_timeout(), None);
+}
+
+/// Both ends rekey the IKE SA at once; `cross` delivers both requests
+/// before either response, else the initiator's exchange completes before
+/// the responder's request arrives. Returns the pair when quiet.
+fn simultaneous_rekeys(seed: u64, cross: bool) -> Pair {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.initiator.rng = Box::new(TestRng(100 + seed));
+    p.pump();
+    assert!(p.initiator.rekey_ike(p.now));
+    assert!(p.responder.rekey_ike(p.now));
+    let from_i = p.initiator.poll_transmit().unwrap();
+    let from_r = p.responder.poll_transmit().unwrap();
+    if cross {
+        p.responder.handle(p.now, from_i);
+        p.initiator.handle(p.now, from_r);
+    } else {
+        p.responder.handle(p.now, from_i);
+        let answer = p.responder.poll_transmit().unwrap();
+        p.initiator.handle(p.now, answer);
+        p.initiator.handle(p.now, from_r);
+    }
+    p.pump();
+    p
+}
+
+#[test]
+fn simultaneous_ike_rekeys_end_in_one_new_ike_sa() {
+    let mut outcomes = std::collections::BTreeSet::new();
+    for (seed, cross) in (0..8u64).flat_map(|s| [(s, true), (s, false)]) {
+        let mut p = simultaneous_rekeys(seed, cross);
+        let (ri, rr) = (rekeys(&p.i_events), rekeys(&p.r_events));
+        assert_eq!(ri.len(), 1, "seed {seed} {cross}: {:#?}", p.i_events);
+        assert_eq!(rr.len(), 1, "seed {seed} {cross}: {:#?}", p.r_events);
+        assert_eq!(p.initiator.spis(), p.responder.spis());
+        assert_eq!(ri[0].1, p.initiator.spis());
+        // The loser and the old SA are deleted on both sides.
+        assert_eq!(p.initiator.all_spis().len(), 1, "seed {seed} {cross}");
+        assert_eq!(p.responder.all_spis().len(), 1, "seed {seed} {cross}");
+        assert_eq!(
+            p.initiator.stats().ike_rekeys_failed + p.responder.stats().ike_rekeys_failed,
+            1
+        );
+        // Whose rekey won: the initiator's SPI comes first in the new pair.
+        outcomes.insert((cross, p.initiator.spis().0 & 0xf000 == 0x1000));
+        // The new SA works.
+        assert!(p.initiator.create_child(p.now, "net"));
+        p.pump();
+        let (ci, cr) = (
+            children_established(&p.i_events),
+            children_established(&p.r_events),
+        );
+        assert_keys_crossed(ci[1], cr[1]);
+        assert!(p.initiator.is_established() && p.responder.is_established());
+        assert_eq!(
+            p.initiator.stats().rejected_total() + p.responder.stats().rejected_total(),
+            0
+        );
+        assert_eq!(p.initiator.poll_timeout(), None);
+    }
+    // Crossing requests: each side's rekey won for some seed.
+    assert!(outcomes.contains(&(true, true)) && outcomes.contains(&(true, false)));
+}
+
+// ------------------------------------------------------------------ cookies, rejections
+
+#[test]
+fn an_initiator_follows_the_cookie_jar_end_to_end() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    let mut jar = crate::ike::cookie::CookieJar::new(p.now, Box::new(TestRng(9)));
+    let first = p.initiator.poll_transmit().unwrap();
+    let answer = jar.check(p.now, &first).unwrap_err();
+    p.initiator.handle(p.now, answer);
+    let retry = p.initiator.poll_transmit().unwrap();
+    assert_eq!(jar.check(p.now, &retry), Ok(()));
+    p.responder.handle(p.now, retry);
+    p.pump();
+    assert!(p.initiator.is_established() && p.responder.is_established());
+    assert_keys_crossed(child(&p.i_events), child(&p.r_events));
+}
+
+#[test]
+fn every_rejected_datagram_is_an_event() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.pump();
+    p.responder.handle(
+        p.now,
+        Datagram {
+            src: addr(I_ADDR),
+            dst: addr(R_ADDR),
+            payload: vec![1, 2, 3],
+        },
+    );
+    p.drain_events();
+    match p.r_events.last() {
+        Some(IkeEvent::Rejected { reason, detail }) => {
+            assert_eq!(*reason, "truncated");
+            assert!(detail.contains("3 octets from 10.0.0.1:500"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.responder.stats().rejected_total(), 1);
+}
+
+#[test]
+fn invalid_ke_payload_in_create_child_sa_is_followed_once() {
+    let mut i = initiator_config();
+    let mut r = responder_config();
+    i.children[0].esp_proposals =
+        parse_proposals(Protocol::Esp, "aes128gcm16-x25519-ecp256").unwrap();
+    r.children[0].esp_proposals = parse_proposals(Protocol::Esp, "aes128gcm16-ecp256").unwrap();
+    let mut p = Pair::new(i, r);
+    p.pump();
+    assert!(p.initiator.create_child(p.now, "net"));
+    p.pump();
+    let (ci, cr) = (
+        children_established(&p.i_events),
+        children_established(&p.r_events),
+    );
+    assert_eq!((ci.len(), cr.len()), (2, 2));
+    assert_keys_crossed(ci[1], cr[1]);
+    assert_eq!(
+        p.responder.stats().errors_sent.get("invalid_ke_payload"),
+        Some(&1)
+    );
+    // The IKE SA rekey likewise, when the responder now wants ecp256.
+    p.responder.config.ike_proposals =
+        parse_proposals(Protocol::Ike, "aes128gcm16-prfsha256-ecp256").unwrap();
+    p.initiator.config.ike_proposals =
+        parse_proposals(Protocol::Ike, "aes128gcm16-prfsha256-x25519-ecp256").unwrap();
+    assert!(p.initiator.rekey_ike(p.now));
+    p.pump();
+    assert_eq!(rekeys(&p.i_events).len(), 1);
+    assert_eq!(rekeys(&p.i_events), rekeys(&p.r_events));
+    assert_eq!(
+        p.responder.stats().errors_sent.get("invalid_ke_payload"),
+        Some(&2)
+    );
+    assert_eq!(p.initiator.cur.suite.unwrap().dh, DhGroup::Ecp256);
+    assert_eq!(p.initiator.stats().ike_rekeys_failed, 0);
+    assert!(p.initiator.send_liveness_check(p.now));
+    p.pump();
+    assert_eq!(p.initiator.poll_timeout(), None);
 }
 
 #[path = "auth_tests.rs"]

@@ -31,7 +31,7 @@ mod wire;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bitw_common::config::{Config, ConfigError};
 use bitw_common::connection::{ChildMode as CfgMode, ConnAuth, Connection, StartAction};
@@ -40,11 +40,12 @@ use bitw_common::rules::Direction;
 use rand_core::{OsRng, RngCore};
 use zeroize::Zeroizing;
 
+use crate::ike::cookie::CookieJar;
 use crate::ike::message::{ExchangeType, Header};
 use crate::ike::proposal::{parse_proposals, Protocol};
 use crate::ike::sa::{
-    prefix_selector, Auth, ChildMode, ChildSaEstablished, Config as IkeConfig, Datagram, Identity,
-    IkeEvent, IkeSa, Lifetimes, Psk, PubkeyAuth, Retransmit, SpiAllocator,
+    prefix_selector, Auth, ChildConfig, ChildMode, ChildSaEstablished, Config as IkeConfig,
+    Datagram, Identity, IkeEvent, IkeSa, Psk, PubkeyAuth, Retransmit, SpiAllocator,
 };
 use crate::{debug, info};
 
@@ -53,6 +54,10 @@ pub use wire::{IKE_PORT, NAT_T_PORT};
 /// Half-open responder SAs (IKE_SA_INIT answered, no IKE_AUTH yet) kept at
 /// most; beyond this new IKE_SA_INIT requests are dropped (counted).
 const MAX_HALF_OPEN: usize = 1024;
+/// From this many half-open SAs on, an IKE_SA_INIT must carry a cookie
+/// (RFC 7296 §2.6): a flood of spoofed requests then costs a hash each, not
+/// a DH computation and state.
+const COOKIE_THRESHOLD: usize = 64;
 
 /// What the daemon must do for the proxy.
 #[derive(Debug)]
@@ -133,6 +138,7 @@ struct Conn {
 /// A Child SA the proxy installed or is installing.
 #[derive(Debug, Clone)]
 struct ChildRec {
+    /// The outbound SA's name, `connection/child`.
     name: String,
     inbound_spi: u32,
     outbound_spi: u32,
@@ -140,6 +146,10 @@ struct ChildRec {
     encap: bool,
     installed: bool,
     since: Instant,
+    /// A rekey the peer started: our outbound SA moves to this child only
+    /// when the old one is deleted (the peer may not have the new inbound SA
+    /// before that). The old child's inbound SPI and the outbound SA to install.
+    successor_of: Option<(u32, Box<SaSpec>)>,
 }
 
 /// An IKE SA and what hangs off it.
@@ -151,9 +161,13 @@ struct Ike {
     initiator: bool,
     /// Child SAs by inbound SPI.
     children: BTreeMap<u32, ChildRec>,
-    /// Outbound SA names waiting for this IKE SA (acquires that came while it
-    /// was being set up).
+    /// Outbound SA names (`connection/child`) asked for (acquires, `start`)
+    /// and not yet established.
     waiting: Vec<String>,
+    /// Initiator: the child that IKE_AUTH sets up.
+    auth_child: Option<String>,
+    /// The (SPIi, SPIr) pairs the proxy routes to this IKE SA.
+    routes: Vec<(u64, u64)>,
 }
 
 /// What a pending [`Change`] does when the dataplane took it.
@@ -194,10 +208,11 @@ pub struct Proxy {
     conns: Vec<Conn>,
     ikes: BTreeMap<u64, Ike>,
     next_ike: u64,
-    /// Our IKE SPI (whichever side we are) → IKE SA.
-    by_spi: HashMap<u64, u64>,
-    /// Responders before their SPI is ours to route by: (peer, SPIi).
-    half_open: HashMap<(SocketAddr, u64), u64>,
+    /// (SPIi, SPIr) → IKE SA; an initiator's first pair has SPIr 0.
+    routes: HashMap<(u64, u64), u64>,
+    /// Responders before they answered: (peer address, SPIi).
+    half_open: HashMap<(IpAddr, u64), u64>,
+    cookies: CookieJar,
     spis: SharedSpis,
     changes: BTreeMap<u64, AfterChange>,
     next_change: u64,
@@ -238,16 +253,30 @@ fn engine_config(config: &Config, i: usize, c: &Connection) -> Result<IkeConfig,
         (Auth::Pubkey(p), Ok(Identity::DerDn(_))) => Identity::DerDn(p.subject_der().to_vec()),
         (_, id) => id.map_err(|e| config.field_error(&field("local_id"), e))?,
     };
-    let child = &c.children[0];
-    let cfield = |f: &str| format!("connection[{i}].children[0].{f}");
-    let esp_proposals = parse_proposals(Protocol::Esp, &child.esp_proposals.join(","))
-        .map_err(|e| config.field_error(&cfield("esp_proposals"), e.to_string()))?;
     let ts = |prefixes: &[bitw_common::rules::Prefix]| {
         prefixes
             .iter()
             .filter_map(|p| prefix_selector(p.addr, p.len))
             .collect::<Vec<_>>()
     };
+    let mut children = Vec::new();
+    for (j, child) in c.children.iter().enumerate() {
+        let cfield = format!("connection[{i}].children[{j}].esp_proposals");
+        let esp_proposals = parse_proposals(Protocol::Esp, &child.esp_proposals.join(","))
+            .map_err(|e| config.field_error(&cfield, e.to_string()))?;
+        children.push(ChildConfig {
+            name: child.name.clone(),
+            esp_proposals,
+            local_ts: ts(&child.local_ts),
+            remote_ts: ts(&child.remote_ts),
+            mode: match child.mode {
+                CfgMode::Tunnel => ChildMode::Tunnel,
+                CfgMode::Transport => ChildMode::Transport,
+            },
+            rekey_time: child.rekey_time,
+            life_time: child.life_time,
+        });
+    }
     Ok(IkeConfig {
         name: c.name.clone(),
         local_id,
@@ -257,18 +286,15 @@ fn engine_config(config: &Config, i: usize, c: &Connection) -> Result<IkeConfig,
         send_initial_contact: true,
         auth,
         ike_proposals,
-        esp_proposals,
-        local_ts: ts(&child.local_ts),
-        remote_ts: ts(&child.remote_ts),
-        mode: match child.mode {
-            CfgMode::Tunnel => ChildMode::Tunnel,
-            CfgMode::Transport => ChildMode::Transport,
+        children,
+        ike_rekey_time: c.rekey_time,
+        dpd_delay: c.dpd_delay,
+        keepalive_interval: c.keepalive_interval,
+        retransmit: Retransmit {
+            timeout: c.retransmit_timeout,
+            backoff: c.retransmit_base,
+            tries: c.retransmit_tries,
         },
-        lifetimes: Lifetimes {
-            ike_rekey: c.rekey_time.unwrap_or(Duration::MAX),
-            child_rekey: child.rekey_time.unwrap_or(Duration::MAX),
-        },
-        retransmit: Retransmit::default(),
     })
 }
 
@@ -299,8 +325,9 @@ impl Proxy {
             conns,
             ikes: BTreeMap::new(),
             next_ike: 1,
-            by_spi: HashMap::new(),
+            routes: HashMap::new(),
             half_open: HashMap::new(),
+            cookies: CookieJar::new(Instant::now(), Box::new(OsRng)),
             spis: SharedSpis::default(),
             changes: BTreeMap::new(),
             next_change: 1,
@@ -347,7 +374,13 @@ impl Proxy {
             if self.conns[i].cfg.start_action == StartAction::Start
                 && !self.ikes.values().any(|k| k.conn == i)
             {
-                self.initiate(now, i, None);
+                let all = self.conns[i]
+                    .cfg
+                    .children
+                    .iter()
+                    .map(|c| self.conns[i].cfg.child_sa_name(&c.name))
+                    .collect();
+                self.initiate(now, i, all);
             }
         }
     }
@@ -395,13 +428,18 @@ impl Proxy {
             dst,
             payload: bytes.clone(),
         };
-        // Our SPI is the responder's when we answered, the initiator's when we
-        // started; SPIs are random 64-bit values, so looking up both is safe.
-        let known = [header.spi_r, header.spi_i]
-            .into_iter()
-            .filter(|s| *s != 0)
-            .find_map(|s| self.by_spi.get(&s).copied())
-            .or_else(|| self.half_open.get(&(src, header.spi_i)).copied());
+        // The SPI pair names the IKE SA; the answer to our IKE_SA_INIT carries
+        // the responder's new SPI, and a retransmitted IKE_SA_INIT none yet.
+        let known = self
+            .routes
+            .get(&(header.spi_i, header.spi_r))
+            .or_else(|| self.routes.get(&(header.spi_i, 0)))
+            .copied()
+            .or_else(|| {
+                (header.spi_r == 0)
+                    .then(|| self.half_open.get(&(p.src, header.spi_i)).copied())
+                    .flatten()
+            });
         if let Some(id) = known {
             if let Some(ike) = self.ikes.get_mut(&id) {
                 ike.sa.handle(now, datagram);
@@ -435,6 +473,16 @@ impl Proxy {
                 format!("IKE_SA_INIT from {src}: {MAX_HALF_OPEN} half-open IKE SAs already"),
             );
         }
+        if self.half_open.len() >= COOKIE_THRESHOLD {
+            if let Err(reply) = self.cookies.check(now, &datagram) {
+                self.stats.cookies_sent += 1;
+                debug!(
+                    "IKE_SA_INIT from {src}: {} half-open IKE SAs, answered with a COOKIE",
+                    self.half_open.len()
+                );
+                return self.transmit(&reply);
+            }
+        }
         let sa = IkeSa::responder(
             self.conns[conn].engine.clone(),
             dst,
@@ -443,7 +491,7 @@ impl Proxy {
             Box::new(self.spis.clone()),
         );
         let id = self.add(now, conn, sa, false);
-        self.half_open.insert((src, header.spi_i), id);
+        self.half_open.insert((p.src, header.spi_i), id);
         if let Some(ike) = self.ikes.get_mut(&id) {
             ike.sa.handle(now, datagram);
         }
@@ -456,7 +504,7 @@ impl Proxy {
         if a.direction != Direction::Out {
             return false;
         }
-        let Some((conn, _child)) = self.child_of(&a.sa) else {
+        let Some((conn, child)) = self.child_of(&a.sa) else {
             return false;
         };
         if self.conns[conn].cfg.start_action == StartAction::None {
@@ -468,10 +516,22 @@ impl Proxy {
                 .push_back(Action::AcquireFailed { sa: a.sa.clone() });
             return true;
         }
-        // An IKE SA of this connection under way or up already covers it.
-        if let Some(ike) = self.ikes.values_mut().find(|k| k.conn == conn) {
-            if !ike.waiting.contains(&a.sa) && !ike.children.values().any(|c| c.name == a.sa) {
+        // An IKE SA of this connection, up or under way, takes the child.
+        if let Some(id) = self.ike_of(conn) {
+            let ike = self.ikes.get_mut(&id).expect("ike_of gives a live id");
+            let known =
+                ike.waiting.contains(&a.sa) || ike.children.values().any(|c| c.name == a.sa);
+            if !known {
                 ike.waiting.push(a.sa.clone());
+                if ike.sa.is_established() {
+                    info!(
+                        "acquire for `{}` ({} -> {}): a new Child SA in IKE SA #{id}",
+                        a.sa, a.src, a.dst
+                    );
+                    let name = self.conns[conn].cfg.children[child].name.clone();
+                    ike.sa.create_child(now, &name);
+                    self.drain(now, id);
+                }
             }
             return true;
         }
@@ -479,7 +539,7 @@ impl Proxy {
             "acquire for `{}` ({} -> {}): initiating connection `{}` as terminal `{}`",
             a.sa, a.src, a.dst, self.conns[conn].cfg.name, self.conns[conn].cfg.terminal
         );
-        self.initiate(now, conn, Some(a.sa.clone()));
+        self.initiate(now, conn, vec![a.sa.clone()]);
         true
     }
 
@@ -492,7 +552,36 @@ impl Proxy {
         spi: u32,
         reason: ExpireReason,
     ) {
-        let _ = (now, sa, direction, spi, reason);
+        // The child whose SA it is: the outbound SA by name (the newest
+        // child of that name has it), an inbound one by its SPI.
+        let found = self.ikes.iter().find_map(|(id, k)| {
+            k.children
+                .values()
+                .filter(|c| match direction {
+                    Direction::Out => c.name == sa && c.outbound_spi == spi,
+                    Direction::In => c.inbound_spi == spi,
+                })
+                .map(|c| (*id, c.inbound_spi))
+                .next()
+        });
+        let Some((id, inbound_spi)) = found else {
+            return;
+        };
+        let ike = self.ikes.get_mut(&id).expect("found above");
+        match reason {
+            ExpireReason::SoftLifetime => {
+                info!("SA `{sa}` ({}) reached its soft lifetime: rekeying its Child SA in IKE SA #{id}", direction.as_str());
+                ike.sa.rekey_child(now, inbound_spi);
+            }
+            ExpireReason::HardLifetime | ExpireReason::SequenceExhausted => {
+                info!(
+                    "SA `{sa}` ({}) expired in the dataplane: deleting its Child SA with the peer",
+                    direction.as_str()
+                );
+                ike.sa.delete_child(now, inbound_spi);
+            }
+        }
+        self.drain(now, id);
     }
 
     /// The daemon applied (or failed to apply) a [`Change`].
@@ -538,7 +627,13 @@ impl Proxy {
                 }
             ));
         }
-        let id = self.initiate(now, conn, None);
+        let all = self.conns[conn]
+            .cfg
+            .children
+            .iter()
+            .map(|c| self.conns[conn].cfg.child_sa_name(&c.name))
+            .collect();
+        let id = self.initiate(now, conn, all);
         Ok(format!("initiating connection `{name}` (IKE SA #{id})"))
     }
 
@@ -561,7 +656,7 @@ impl Proxy {
                 if !ike.sa.delete(now) {
                     // Not established: nothing to tell the peer.
                     let conn = ike.conn;
-                    self.close(*id, conn, "terminated by the administrator");
+                    self.close(now, *id, conn, "terminated by the administrator");
                     continue;
                 }
             }
@@ -647,6 +742,15 @@ impl Proxy {
         Some((i, j))
     }
 
+    /// The connection's IKE SA: the established one, else one being set up.
+    fn ike_of(&self, conn: usize) -> Option<u64> {
+        let mine = || self.ikes.iter().filter(move |(_, k)| k.conn == conn);
+        mine()
+            .find(|(_, k)| k.sa.is_established())
+            .or_else(|| mine().next())
+            .map(|(id, _)| *id)
+    }
+
     fn add(&mut self, now: Instant, conn: usize, sa: IkeSa, initiator: bool) -> u64 {
         let id = self.next_ike;
         self.next_ike += 1;
@@ -660,44 +764,78 @@ impl Proxy {
                 initiator,
                 children: BTreeMap::new(),
                 waiting: Vec::new(),
+                auth_child: None,
+                routes: Vec::new(),
             },
         );
         id
     }
 
-    fn initiate(&mut self, now: Instant, conn: usize, waiting: Option<String>) -> u64 {
+    /// Starts IKE as the terminal; `waiting` names the outbound SAs wanted
+    /// (the first goes into IKE_AUTH, the others follow as CREATE_CHILD_SA).
+    fn initiate(&mut self, now: Instant, conn: usize, waiting: Vec<String>) -> u64 {
         let c = &self.conns[conn];
+        let first = waiting
+            .first()
+            .and_then(|w| w.split_once('/'))
+            .map(|(_, child)| child.to_string())
+            .unwrap_or_else(|| c.cfg.children[0].name.clone());
         let local = SocketAddr::new(c.cfg.terminal_address, IKE_PORT);
         let remote = SocketAddr::new(c.cfg.remote_addrs[0], IKE_PORT);
         let sa = IkeSa::initiate(
             now,
             c.engine.clone(),
+            &first,
             local,
             remote,
             Box::new(OsRng),
             Box::new(self.spis.clone()),
         );
-        let (spi_i, _) = sa.spis();
+        let auth_child = c.cfg.child_sa_name(&first);
         let id = self.add(now, conn, sa, true);
-        self.by_spi.insert(spi_i, id);
-        if let (Some(w), Some(ike)) = (waiting, self.ikes.get_mut(&id)) {
-            ike.waiting.push(w);
+        if let Some(ike) = self.ikes.get_mut(&id) {
+            ike.waiting = waiting;
+            if !ike.waiting.contains(&auth_child) {
+                ike.waiting.insert(0, auth_child.clone());
+            }
+            ike.auth_child = Some(auth_child);
         }
         self.drain(now, id);
         id
     }
 
-    /// Sends what an IKE SA wants sent and acts on its events.
-    fn drain(&mut self, now: Instant, id: u64) {
-        if let Some(ike) = self.ikes.get(&id) {
-            // A responder's SPI exists once it answered IKE_SA_INIT; from
-            // then on the peer's messages carry it.
-            let (spi_i, spi_r) = ike.sa.spis();
-            let ours = if ike.initiator { spi_i } else { spi_r };
-            if ours != 0 {
-                self.by_spi.insert(ours, id);
+    /// Keeps the routes to an IKE SA in line with the SPI pairs it answers
+    /// to (a rekey adds one; the old one goes with its Delete).
+    fn update_routes(&mut self, id: u64) {
+        let Some(ike) = self.ikes.get_mut(&id) else {
+            return;
+        };
+        let mut now_routes: Vec<(u64, u64)> = ike.sa.all_spis();
+        let (spi_i, spi_r) = ike.sa.spis();
+        if ike.initiator && spi_r == 0 && spi_i != 0 {
+            now_routes.push((spi_i, 0));
+        }
+        now_routes.retain(|(i, r)| *i != 0 || *r != 0);
+        if now_routes == ike.routes {
+            return;
+        }
+        for r in ike.routes.iter().filter(|r| !now_routes.contains(r)) {
+            if self.routes.get(r) == Some(&id) {
+                self.routes.remove(r);
             }
         }
+        for r in &now_routes {
+            self.routes.insert(*r, id);
+        }
+        // A responder that answered is routed by its SPI pair from now on.
+        if now_routes.iter().any(|(_, r)| *r != 0) {
+            self.half_open.retain(|_, v| *v != id);
+        }
+        ike.routes = now_routes;
+    }
+
+    /// Sends what an IKE SA wants sent and acts on its events.
+    fn drain(&mut self, now: Instant, id: u64) {
         loop {
             let Some(ike) = self.ikes.get_mut(&id) else {
                 return;
@@ -711,10 +849,14 @@ impl Proxy {
             };
             self.event(now, id, ev);
         }
+        self.update_routes(id);
+        if let Some(ike) = self.ikes.get(&id) {
+            self.stats.retransmits = self.stats.retransmits.max(ike.sa.stats().retransmits_sent);
+        }
         let closed = self.ikes.get(&id).is_some_and(|k| k.sa.is_closed());
         if closed {
             let conn = self.ikes[&id].conn;
-            self.close(id, conn, "closed");
+            self.close(now, id, conn, "closed");
         }
     }
 
@@ -756,9 +898,6 @@ impl Proxy {
             } => {
                 ike.established = Some(now);
                 let took = now.saturating_duration_since(ike.started);
-                let ours = if initiator { spi_i } else { spi_r };
-                self.half_open.retain(|_, v| *v != id);
-                self.by_spi.insert(ours, id);
                 *self.stats.handshakes.entry("ok".into()).or_default() += 1;
                 self.stats.handshake_seconds.push(took.as_secs_f64());
                 let suite = [
@@ -777,6 +916,16 @@ impl Proxy {
                     if nat_detected { ", NAT-T (ESP in UDP 4500)" } else { "" },
                     took.as_secs_f64() * 1e3
                 );
+                // Children asked for besides the one IKE_AUTH carries.
+                let more: Vec<String> = ike
+                    .waiting
+                    .iter()
+                    .filter(|w| Some(*w) != ike.auth_child.as_ref())
+                    .filter_map(|w| w.split_once('/').map(|(_, c)| c.to_string()))
+                    .collect();
+                for child in more {
+                    ike.sa.create_child(now, &child);
+                }
                 if initial_contact {
                     self.initial_contact(now, id, conn);
                 }
@@ -792,8 +941,9 @@ impl Proxy {
                     .child_sas
                     .entry(format!("failed_{reason}"))
                     .or_default() += 1;
-                let waiting = std::mem::take(&mut ike.waiting);
-                for sa in waiting {
+                let sa = format!("{name}/{child}");
+                if let Some(pos) = ike.waiting.iter().position(|w| *w == sa) {
+                    ike.waiting.remove(pos);
                     self.actions.push_back(Action::AcquireFailed { sa });
                 }
             }
@@ -803,11 +953,26 @@ impl Proxy {
                 outbound_spi,
             } => {
                 info!(
-                    "IKE SA #{id} (`{name}`): Child SA `{child}` deleted (SPIs {inbound_spi:08x}_i {outbound_spi:08x}_o)"
+                    "IKE SA #{id} (`{name}`): Child SA `{name}/{child}` deleted (SPIs {inbound_spi:08x}_i {outbound_spi:08x}_o)"
                 );
                 if let Some(rec) = ike.children.remove(&inbound_spi) {
-                    self.remove_child(id, conn, &rec);
+                    self.remove_child(id, &rec);
                 }
+            }
+            IkeEvent::IkeSaRekeyed { old_spis, new_spis } => {
+                *self
+                    .stats
+                    .child_sas
+                    .entry("ike_rekeyed".into())
+                    .or_default() += 1;
+                info!(
+                    "IKE SA #{id} of connection `{name}` rekeyed: SPIs {:016x}_i {:016x}_r -> {:016x}_i {:016x}_r",
+                    old_spis.0, old_spis.1, new_spis.0, new_spis.1
+                );
+            }
+            IkeEvent::Rejected { reason, detail } => {
+                *self.stats.rejected.entry(reason.to_string()).or_default() += 1;
+                debug!("IKE SA #{id} (`{name}`) rejected a datagram ({reason}): {detail}");
             }
             IkeEvent::Failed { reason, detail } => {
                 if ike.established.is_none() {
@@ -821,7 +986,7 @@ impl Proxy {
 
     /// The peer holds no other IKE SA with this terminal: older ones of the
     /// connection are stale (RFC 7296 §2.4).
-    fn initial_contact(&mut self, _now: Instant, id: u64, conn: usize) {
+    fn initial_contact(&mut self, now: Instant, id: u64, conn: usize) {
         let stale: Vec<u64> = self
             .ikes
             .iter()
@@ -830,7 +995,7 @@ impl Proxy {
             .collect();
         for s in stale {
             info!("IKE SA #{s}: the peer sent INITIAL_CONTACT on #{id}, so #{s} is stale and goes");
-            self.close(s, conn, "replaced after INITIAL_CONTACT");
+            self.close(now, s, conn, "replaced after INITIAL_CONTACT");
         }
     }
 
@@ -840,12 +1005,14 @@ impl Proxy {
         };
         let conn = ike.conn;
         let cfg = &self.conns[conn].cfg;
-        let (spec_child, cchild) = match cfg.children.iter().find(|c| c.name == child.name) {
-            Some(c) => (c.name.clone(), c),
-            // The engine names the first child after the connection today.
-            None => (cfg.children[0].name.clone(), &cfg.children[0]),
+        let Some(cchild) = cfg.children.iter().find(|c| c.name == child.name) else {
+            info!(
+                "IKE SA #{id}: a Child SA of unknown config `{}` ignored",
+                child.name
+            );
+            return;
         };
-        let out_name = cfg.child_sa_name(&spec_child);
+        let out_name = cfg.child_sa_name(&cchild.name);
         let local = child.local.ip();
         let remote = child.remote.ip();
         let (encap, sport, dport) = match child.udp_encap {
@@ -910,26 +1077,43 @@ impl Proxy {
                 ""
             },
             match child.rekeys {
-                Some(old) => format!(", rekeying {old:08x}_i"),
+                Some(old) => format!(
+                    ", rekeying {old:08x}_i ({} started it)",
+                    if child.initiated { "we" } else { "the peer" }
+                ),
                 None => String::new(),
             }
         );
         *self
             .stats
             .child_sas
-            .entry("established".into())
+            .entry(
+                if child.rekeys.is_some() {
+                    "rekeyed"
+                } else {
+                    "established"
+                }
+                .into(),
+            )
             .or_default() += 1;
-        let aead = child.aead.name();
+        // Make-before-break: the new inbound SA goes in at once; the outbound
+        // SA moves now if we started the rekey (the peer answered, so it has
+        // the new inbound SA), else when the peer deletes the old SA.
+        let (install, successor_of) = match child.rekeys {
+            Some(old) if !child.initiated => (vec![inb], Some((old, Box::new(out)))),
+            _ => (vec![inb, out], None),
+        };
         ike.children.insert(
             child.inbound_spi,
             ChildRec {
                 name: out_name.clone(),
                 inbound_spi: child.inbound_spi,
                 outbound_spi: child.outbound_spi,
-                aead,
+                aead: child.aead.name(),
                 encap: child.udp_encap.is_some(),
                 installed: false,
                 since: now,
+                successor_of,
             },
         );
         ike.waiting.retain(|w| *w != out_name);
@@ -948,29 +1132,45 @@ impl Proxy {
                 "Child SA `{out_name}` of IKE SA #{id} (SPIs {:08x}_i {:08x}_o)",
                 child.inbound_spi, child.outbound_spi
             ),
-            install: vec![inb, out],
+            install,
             remove: vec![],
         }));
     }
 
-    /// Takes a Child SA's SAs out of the dataplane. The outbound SA goes
-    /// only if it is still this child's (a rekey may have replaced it).
-    fn remove_child(&mut self, id: u64, conn: usize, rec: &ChildRec) {
+    /// Takes a Child SA's SAs out of the dataplane. Its outbound SA goes
+    /// only if no other child of the same name has taken it over; a rekey's
+    /// successor waiting for this deletion gets the outbound SA now.
+    fn remove_child(&mut self, id: u64, rec: &ChildRec) {
         self.spis
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&rec.inbound_spi);
         let mut remove = vec![(inbound_sa_name(&rec.name, rec.inbound_spi), Direction::In)];
-        let newer = self
+        let mut install = Vec::new();
+        let successor = self
             .ikes
-            .values()
-            .flat_map(|k| k.children.values())
-            .any(|c| c.name == rec.name && c.inbound_spi != rec.inbound_spi);
-        if !newer {
-            remove.push((rec.name.clone(), Direction::Out));
+            .values_mut()
+            .flat_map(|k| k.children.values_mut())
+            .find(|c| {
+                c.successor_of
+                    .as_ref()
+                    .is_some_and(|(old, _)| *old == rec.inbound_spi)
+            });
+        if let Some(next) = successor {
+            if let Some((_, out)) = next.successor_of.take() {
+                install.push(*out);
+            }
+        } else {
+            let others = self
+                .ikes
+                .values()
+                .flat_map(|k| k.children.values())
+                .any(|c| c.name == rec.name && c.inbound_spi != rec.inbound_spi);
+            if !others {
+                remove.push((rec.name.clone(), Direction::Out));
+            }
         }
-        let _ = conn;
         let change = self.next_change;
         self.next_change += 1;
         self.changes.insert(change, AfterChange::Nothing);
@@ -980,14 +1180,14 @@ impl Proxy {
                 "Child SA `{}` of IKE SA #{id} gone (SPI {:08x}_i)",
                 rec.name, rec.inbound_spi
             ),
-            install: vec![],
+            install,
             remove,
         }));
     }
 
     /// Forgets an IKE SA; its Child SAs leave the dataplane, and acquires
     /// waiting on it fail.
-    fn close(&mut self, id: u64, conn: usize, why: &str) {
+    fn close(&mut self, _now: Instant, id: u64, conn: usize, why: &str) {
         let Some(ike) = self.ikes.remove(&id) else {
             return;
         };
@@ -995,10 +1195,14 @@ impl Proxy {
             "IKE SA #{id} of connection `{}` removed: {why}",
             self.conns[conn].cfg.name
         );
-        self.by_spi.retain(|_, v| *v != id);
+        for r in &ike.routes {
+            if self.routes.get(r) == Some(&id) {
+                self.routes.remove(r);
+            }
+        }
         self.half_open.retain(|_, v| *v != id);
         for rec in ike.children.values() {
-            self.remove_child(id, conn, rec);
+            self.remove_child(id, rec);
         }
         for sa in ike.waiting {
             self.actions.push_back(Action::AcquireFailed { sa });
