@@ -152,7 +152,7 @@ def seq_of(payload):
     return int.from_bytes(payload[i:i + 8], "big")
 
 
-def check_capture(rig, pings, aead):
+def check_capture(rig, pings, aead, since_start=False):
     """Only IKE and ESP cross the counterpart's veth for the terminal's flow,
     and the ESP decrypts with charon's keys to exactly the pings sent and
     their replies."""
@@ -161,7 +161,8 @@ def check_capture(rig, pings, aead):
     frames = rig.capture.frames()
     problems = sw.ike_esp_problems(frames, [(t_addr, c_addr)])
     assert problems == [], "\n".join(problems[:10])
-    keys = rig.cp.negotiated_keys()
+    # a restarted charon numbers its IKE SAs from 1 again: its log since then
+    keys = sw.parse_keys(rig.cp.log_text(since_start=since_start))
     assert keys.children, rig.describe()
     for child in keys.children:
         assert child.outbound.aead == aead, child
@@ -271,3 +272,104 @@ def test_certificates(rig_factory, tmp_path, who):
     assert len(sas) == 1 and sas[0]["state"] == "ESTABLISHED", sas
     check_capture(rig, r, "aes128gcm16")
 
+
+
+def up_by_traffic(rig):
+    """The terminal's first pings trigger IKE; returns once the Child SA is in
+    the dataplane and a ping gets through."""
+    r = rig.ping(seconds=1.0, interval=0.02)
+    assert r.received > 0, f"{r}\n{rig.describe()}"
+    rig.cp.wait_established(child="data")
+    return r
+
+
+def ike_sas(rig):
+    """(name, direction) of the connection's SAs in the dataplane (bitwctl)."""
+    return sorted((s["name"], s["direction"]) for s in rig.ctl_ok("sa", "list")
+                  if s["name"].startswith("meter-hq/"))
+
+
+def child_uniqueid(rig):
+    kids = rig.cp.children("data")
+    assert len(kids) == 1, kids
+    return kids[0]["uniqueid"]
+
+
+@pytest.mark.parametrize("who", ["counterpart", "bitw"])
+def test_child_rekey_under_traffic_loses_nothing(rig_factory, who):
+    """A Child SA rekey while the terminal pings every 10 ms: not one ping
+    lost, every ESP frame (old and new SA) decrypts with charon's keys."""
+    child_extra = {"rekey_time": "2s", "life_time": "30s"} if who == "bitw" else None
+    rig = rig_factory(start_action="trap", child_extra=child_extra)
+    up_by_traffic(rig)
+    old = child_uniqueid(rig)
+    rig.capture.clear()
+
+    def rekey():
+        if who == "counterpart":
+            rig.cp.rekey(child="data")
+    r = rig.ping(seconds=5.0, interval=0.01, during=rekey)
+    new = rig.cp.wait_rekeyed("data", old, timeout=10)
+    assert int(new["uniqueid"]) > int(old)
+    assert r.lost == 0 and r.sent > 300, f"{r}\n{rig.describe()}"
+    started = "we" if who == "bitw" else "the peer"
+    assert re.search(rf"Child SA `meter-hq/data` up: .*rekeying [0-9a-f]{{8}}_i \({started} started it\)",
+                     rig.ctl.log()), rig.describe()
+    check_capture(rig, r, "aes128gcm16")
+    # the old SAs leave the dataplane: one inbound and one outbound SA remain
+    wait_until(lambda: len(ike_sas(rig)) == 2, what=f"old SAs removed ({ike_sas(rig)})")
+
+
+@pytest.mark.parametrize("who", ["counterpart", "bitw"])
+def test_ike_rekey_under_traffic_loses_nothing(rig_factory, who):
+    """The IKE SA is rekeyed (by charon, or by bitw's rekey_time) while the
+    terminal pings: no ping lost, the Child SA is untouched, and a liveness
+    check / Child SA rekey under the new IKE SA still works."""
+    conn_extra = {"rekey_time": "2s"} if who == "bitw" else None
+    rig = rig_factory(start_action="trap", conn_extra=conn_extra)
+    up_by_traffic(rig)
+    before = rig.cp.list_sas()[0]
+    rig.capture.clear()
+
+    def rekey():
+        if who == "counterpart":
+            rig.cp.rekey(ike="hq")
+    r = rig.ping(seconds=4.0, interval=0.01, during=rekey)
+    assert r.lost == 0 and r.sent > 250, f"{r}\n{rig.describe()}"
+    wait_until(lambda: re.search(r"IKE SA #\d+ of connection `meter-hq` rekeyed", rig.ctl.log()),
+               what="bitw's IKE SA rekeyed")
+    sas = rig.cp.list_sas()
+    assert len(sas) == 1 and sas[0]["state"] == "ESTABLISHED", sas
+    assert (sas[0]["initiator-spi"], sas[0]["responder-spi"]) != \
+        (before["initiator-spi"], before["responder-spi"]), (before, sas)
+    check_capture(rig, r, "aes128gcm16")
+    # the new IKE SA works: charon rekeys the Child SA through it
+    old = child_uniqueid(rig)
+    rig.cp.rekey(child="data")
+    rig.cp.wait_rekeyed("data", old, timeout=10)
+    r = rig.ping(seconds=0.5)
+    assert r.lost == 0, r
+
+
+def test_counterpart_restart_is_noticed_and_traffic_reestablishes(rig_factory):
+    """charon dies and comes back empty: bitw's liveness checks go
+    unanswered, the IKE SA and its Child SA leave the dataplane, and the
+    terminal's next packets negotiate a new one."""
+    rig = rig_factory(start_action="trap",
+                      conn_extra={"dpd_delay": "1s", "retransmit_timeout": "300ms",
+                                  "retransmit_tries": 3, "retransmit_base": 1.5})
+    up_by_traffic(rig)
+    rig.cp.stop(kill=True)  # a crash: no Delete reaches bitw
+    try:
+        wait_until(lambda: re.search(r"IKE SA #1 of connection `meter-hq` failed \(timeout\)",
+                                     rig.ctl.log()), timeout=15, what="the dead peer noticed")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{rig.describe()}") from None
+    wait_until(lambda: not ike_sas(rig), what="the dead peer's SAs removed from the dataplane")
+    rig.cp.start().load()
+    rig.capture.clear()
+    r = rig.ping(seconds=2.0, interval=0.02)
+    assert r.lost == 0, f"{r}\n{rig.describe()}"
+    assert re.search(r"IKE SA #2 of connection `meter-hq` established as initiator",
+                     rig.ctl.log()), rig.describe()
+    check_capture(rig, r, "aes128gcm16", since_start=True)

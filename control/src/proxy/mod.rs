@@ -168,6 +168,12 @@ struct Ike {
     auth_child: Option<String>,
     /// The (SPIi, SPIr) pairs the proxy routes to this IKE SA.
     routes: Vec<(u64, u64)>,
+    /// Child SA installs under way: until the dataplane has them, what the
+    /// engine sends waits in `held`, so the peer never uses (or stops using)
+    /// an SA before bitw can (make-before-break; the answer that lets the
+    /// peer send on a new SA, or the Delete of an old one, waits).
+    installs_pending: usize,
+    held: Vec<Datagram>,
 }
 
 /// What a pending [`Change`] does when the dataplane took it.
@@ -595,6 +601,12 @@ impl Proxy {
                     if let Some(c) = i.children.get_mut(&inbound_spi) {
                         c.installed = ok;
                     }
+                    i.installs_pending = i.installs_pending.saturating_sub(1);
+                    if i.installs_pending == 0 {
+                        for d in std::mem::take(&mut i.held) {
+                            self.transmit(&d);
+                        }
+                    }
                 }
                 if !ok {
                     // The dataplane refused the SA: tell the peer it is gone.
@@ -766,6 +778,8 @@ impl Proxy {
                 waiting: Vec::new(),
                 auth_child: None,
                 routes: Vec::new(),
+                installs_pending: 0,
+                held: Vec::new(),
             },
         );
         id
@@ -834,20 +848,25 @@ impl Proxy {
         ike.routes = now_routes;
     }
 
-    /// Sends what an IKE SA wants sent and acts on its events.
+    /// Acts on an IKE SA's events, then sends what it wants sent (events
+    /// first: a Child SA being installed holds the datagrams back).
     fn drain(&mut self, now: Instant, id: u64) {
         loop {
             let Some(ike) = self.ikes.get_mut(&id) else {
                 return;
             };
-            if let Some(d) = ike.sa.poll_transmit() {
-                self.transmit(&d);
+            if let Some(ev) = ike.sa.poll_event() {
+                self.event(now, id, ev);
                 continue;
             }
-            let Some(ev) = ike.sa.poll_event() else {
+            let Some(d) = ike.sa.poll_transmit() else {
                 break;
             };
-            self.event(now, id, ev);
+            if ike.installs_pending > 0 {
+                ike.held.push(d);
+            } else {
+                self.transmit(&d);
+            }
         }
         self.update_routes(id);
         if let Some(ike) = self.ikes.get(&id) {
@@ -1117,6 +1136,7 @@ impl Proxy {
             },
         );
         ike.waiting.retain(|w| *w != out_name);
+        ike.installs_pending += 1;
         let change = self.next_change;
         self.next_change += 1;
         self.changes.insert(
