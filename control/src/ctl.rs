@@ -639,8 +639,11 @@ fn fmt_status(s: &StatusInfo) -> String {
     );
     if s.ike.connections > 0 {
         o += &format!(
-            "IKE         {} connections; IKE SAs: {} established, {} connecting\n",
-            s.ike.connections, s.ike.established, s.ike.connecting
+            "IKE         {} connection{}; IKE SAs: {} established, {} connecting\n",
+            s.ike.connections,
+            if s.ike.connections == 1 { "" } else { "s" },
+            s.ike.established,
+            s.ike.connecting
         );
     }
     o += &format!(
