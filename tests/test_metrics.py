@@ -78,7 +78,11 @@ def test_exposition_passes_promtool(exporting):
     assert status == 200
     for name in ("bitw_build_info", "bitw_dataplane_up 1", "bitw_port_packets_total",
                  "bitw_drops_total", "bitw_sas", "bitw_worker_busy_cycles_total",
-                 "bitw_control_channel_rtt_seconds_bucket", "bitw_sa_install_seconds_bucket"):
+                 "bitw_control_channel_rtt_seconds_bucket", "bitw_sa_install_seconds_bucket",
+                 # IKE: present (at 0) without any [[connection]]
+                 'bitw_ike_sas{state="established"} 0', "bitw_ike_connections 0",
+                 'bitw_ike_handshakes_total{result="ok"} 0',
+                 "bitw_ike_handshake_duration_seconds_bucket"):
         assert name in body, f"{name} missing from the exposition:\n{body[:3000]}"
     assert not re.search(r"key", body.replace("keepalive", "")), "a key-like word in the metrics"
     promtool = shutil.which("promtool")

@@ -29,6 +29,9 @@ use zeroize::Zeroizing;
 use bitw_common::proto::{Applied, LimitsSpec, RuleSpec, SaSpec, Stats};
 use bitw_common::rules::Direction;
 
+/// `ike_list` answers `[IkeSaInfo]` (each with its `[ChildInfo]`).
+pub use crate::proxy::{ChildInfo, IkeSaInfo};
+
 /// The largest request line accepted (an SA with its key is well under 2 KiB).
 pub const MAX_REQUEST: u64 = 1 << 20;
 
@@ -67,6 +70,17 @@ pub enum AdminRequest {
     Terminals,
     Counters,
     Reload,
+    /// The IKE SAs the proxy holds and their Child SAs.
+    IkeList,
+    /// Start the IKE SA of a connection (as its terminal).
+    IkeInitiate {
+        connection: String,
+    },
+    /// Delete the IKE SA(s) of a connection, or one IKE SA by its id.
+    IkeTerminate {
+        /// A connection name or an IKE SA id (`bitwctl ike list`).
+        name: String,
+    },
 }
 
 /// Why a request failed; bitwctl turns it into its exit code.
@@ -145,6 +159,19 @@ pub struct StatusInfo {
     /// SAs that traffic is waiting for (acquires seen), newest first.
     pub acquired_sas: Vec<AcquireInfo>,
     pub last_reload: Option<ReloadInfo>,
+    /// The key exchange proxy: connections and IKE SAs by state.
+    #[serde(default)]
+    pub ike: IkeStatus,
+}
+
+/// `status`: the IKE proxy in numbers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IkeStatus {
+    /// Configured `[[connection]]`s.
+    pub connections: usize,
+    /// IKE SAs up, and being set up (IKE_SA_INIT/IKE_AUTH under way).
+    pub established: usize,
+    pub connecting: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -280,6 +307,17 @@ pub struct TerminalEntry {
     pub port: Option<String>,
     pub mac: Option<String>,
     pub last_seen_unix: Option<f64>,
+    /// The `[[connection]]`s bitw runs IKE for as this terminal.
+    #[serde(default)]
+    pub connections: Vec<TerminalConnection>,
+}
+
+/// A connection of a terminal and the state of its IKE SA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TerminalConnection {
+    pub name: String,
+    /// established | connecting | none (no IKE SA)
+    pub ike: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -292,6 +330,13 @@ pub struct NeighborEntry {
     pub last_seen_unix: f64,
     /// The configured terminal with this address.
     pub terminal: Option<String>,
+}
+
+/// What `ike initiate` / `ike terminate` started (the negotiation and the
+/// deletion go on after the answer: watch `bitwctl ike list`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IkeResult {
+    pub message: String,
 }
 
 /// What a change (`sa add/del`, `policy add/del`, `reload`) did.
@@ -527,6 +572,17 @@ mod tests {
             r#"{"cmd":"reload"}"#
         );
         assert!(serde_json::from_str::<AdminRequest>(r#"{"cmd":"format_disk"}"#).is_err());
+        let r: AdminRequest =
+            serde_json::from_str(r#"{"cmd":"ike_initiate","connection":"meter-hq"}"#).unwrap();
+        assert!(matches!(r, AdminRequest::IkeInitiate { connection } if connection == "meter-hq"));
+        let r: AdminRequest =
+            serde_json::from_str(r#"{"cmd":"ike_terminate","name":"3"}"#).unwrap();
+        assert!(matches!(r, AdminRequest::IkeTerminate { name } if name == "3"));
+        assert_eq!(
+            serde_json::to_string(&AdminRequest::IkeList).unwrap(),
+            r#"{"cmd":"ike_list"}"#
+        );
+        assert!(serde_json::from_str::<AdminRequest>(r#"{"cmd":"ike_initiate"}"#).is_err());
     }
 
     #[test]

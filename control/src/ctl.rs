@@ -17,8 +17,8 @@ use bitw_common::rules::Direction;
 use bitw_common::sa_params::AeadAlg;
 
 use crate::admin::{
-    self, AdminRequest, AdminResponse, ChangeResult, ClientError, ErrorKind, PolicyEntry, SaEntry,
-    StatusInfo, TerminalsInfo,
+    self, AdminRequest, AdminResponse, ChangeResult, ClientError, ErrorKind, IkeResult, IkeSaInfo,
+    PolicyEntry, SaEntry, StatusInfo, TerminalsInfo,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/bitw/control.sock";
@@ -40,6 +40,9 @@ Examples:
       --proto tcp --dport 443 --action protect --sa to-hq --before default-deny
   bitwctl sa del to-hq --direction out
   bitwctl counters
+  bitwctl ike list
+  bitwctl ike initiate meter-hq
+  bitwctl ike terminate meter-hq      (or an IKE SA id from `ike list`)
   bitwctl reload
 
 Exit codes: 0 ok; 1 bitw-control refused or failed the request (its message
@@ -80,6 +83,9 @@ pub enum Cmd {
     Terminals,
     /// The dataplane's counters: ports, workers, drops, ESP, SAs
     Counters,
+    /// The key exchange proxy: IKE SAs and their Child SAs
+    #[command(subcommand)]
+    Ike(IkeCmd),
     /// Re-read the configuration file and apply only what changed
     Reload,
 }
@@ -101,6 +107,23 @@ pub enum SaCmd {
         name: String,
         #[arg(long)]
         direction: Option<Dir>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IkeCmd {
+    /// IKE SAs (addresses, state, role, SPIs, NAT, age) and their Child SAs
+    List,
+    /// Start a connection's IKE SA (and its Child SA) as its terminal
+    Initiate {
+        /// A `[[connection]]` name
+        connection: String,
+    },
+    /// Delete IKE SAs with the peer; their Child SAs leave the dataplane
+    Terminate {
+        /// A connection name (all its IKE SAs) or an IKE SA id
+        #[arg(value_name = "CONNECTION|ID")]
+        name: String,
     },
 }
 
@@ -396,6 +419,13 @@ pub fn request(cmd: &Cmd) -> Result<AdminRequest, String> {
             position: p.position,
         },
         Cmd::Policy(PolicyCmd::Del { name }) => AdminRequest::PolicyDel { name: name.clone() },
+        Cmd::Ike(IkeCmd::List) => AdminRequest::IkeList,
+        Cmd::Ike(IkeCmd::Initiate { connection }) => AdminRequest::IkeInitiate {
+            connection: connection.trim().to_string(),
+        },
+        Cmd::Ike(IkeCmd::Terminate { name }) => AdminRequest::IkeTerminate {
+            name: name.trim().to_string(),
+        },
     })
 }
 
@@ -484,6 +514,8 @@ fn print_response(
         }
         Cmd::Terminals => decode::<TerminalsInfo>(data).map(|t| fmt_terminals(&t)),
         Cmd::Counters => decode::<Stats>(data).map(|s| fmt_counters(&s)),
+        Cmd::Ike(IkeCmd::List) => decode::<Vec<IkeSaInfo>>(data).map(|v| fmt_ike_list(&v)),
+        Cmd::Ike(_) => decode::<IkeResult>(data).map(|r| format!("{}\n", r.message)),
         _ => decode::<ChangeResult>(data).map(|c| fmt_change(&c)),
     };
     match text {
@@ -605,6 +637,15 @@ fn fmt_status(s: &StatusInfo) -> String {
         "terminals   {} configured, {} neighbours learned\n",
         s.terminals, s.neighbors
     );
+    if s.ike.connections > 0 {
+        o += &format!(
+            "IKE         {} connection{}; IKE SAs: {} established, {} connecting\n",
+            s.ike.connections,
+            if s.ike.connections == 1 { "" } else { "s" },
+            s.ike.established,
+            s.ike.connecting
+        );
+    }
     o += &format!(
         "held        {}\n",
         s.held_packets
@@ -818,10 +859,29 @@ fn fmt_terminals(t: &TerminalsInfo) -> String {
                     opt(x.port.clone()),
                     opt(x.mac.clone()),
                     x.last_seen_unix.map_or("never".into(), ago),
+                    if x.connections.is_empty() {
+                        "-".into()
+                    } else {
+                        x.connections
+                            .iter()
+                            .map(|c| format!("{} ({})", c.name, c.ike))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
                 ]
             })
             .collect();
-        o += &table(&["TERMINAL", "ADDRESS", "PORT", "MAC", "LAST SEEN"], &rows);
+        o += &table(
+            &[
+                "TERMINAL",
+                "ADDRESS",
+                "PORT",
+                "MAC",
+                "LAST SEEN",
+                "CONNECTIONS (IKE)",
+            ],
+            &rows,
+        );
     }
     o.push('\n');
     if t.neighbors.is_empty() {
@@ -992,6 +1052,85 @@ fn fmt_counters(s: &Stats) -> String {
         o += &table(&["SA", "DIR", "SPI", "PACKETS", "BYTES", ""], &rows);
         if s.sa_count > s.sas.len() {
             o += &format!("(and {} more SAs)\n", s.sa_count - s.sas.len());
+        }
+    }
+    o
+}
+
+/// `ike list`: one line per IKE SA, its Child SAs indented below it (the
+/// child lines aligned over the whole list).
+pub fn fmt_ike_list(v: &[IkeSaInfo]) -> String {
+    if v.is_empty() {
+        return "no IKE SAs\n".into();
+    }
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|i| {
+            vec![
+                i.id.to_string(),
+                i.connection.clone(),
+                i.terminal.clone(),
+                format!("{} <-> {}", i.local, i.remote),
+                i.state.clone(),
+                if i.initiator {
+                    "initiator"
+                } else {
+                    "responder"
+                }
+                .into(),
+                format!("{}_i {}_r", i.spi_i, i.spi_r),
+                if i.nat { "yes" } else { "no" }.into(),
+                dur(i.age_seconds),
+            ]
+        })
+        .collect();
+    let ike = table(
+        &[
+            "ID",
+            "CONNECTION",
+            "TERMINAL",
+            "LOCAL <-> REMOTE",
+            "STATE",
+            "ROLE",
+            "IKE SPIS",
+            "NAT",
+            "AGE",
+        ],
+        &rows,
+    );
+    let child_rows: Vec<Vec<String>> = v
+        .iter()
+        .flat_map(|i| &i.children)
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                format!("in {}", c.inbound_spi),
+                format!("out {}", c.outbound_spi),
+                c.aead.clone(),
+                if c.encap { "udp-encap" } else { "esp" }.into(),
+                if c.installed {
+                    "installed"
+                } else {
+                    "not installed"
+                }
+                .into(),
+                dur(c.age_seconds),
+            ]
+        })
+        .collect();
+    // One table over every child so the columns line up; its header line
+    // is dropped (the values are labelled).
+    let children = table(&["", "", "", "", "", "", ""], &child_rows);
+    let mut child_lines = children.lines().skip(1);
+    let mut lines = ike.lines();
+    let mut o = format!("{}\n", lines.next().unwrap_or_default());
+    for (i, line) in v.iter().zip(lines) {
+        o += line;
+        o.push('\n');
+        for _ in &i.children {
+            if let Some(c) = child_lines.next() {
+                o += &format!("    {c}\n");
+            }
         }
     }
     o
@@ -1260,6 +1399,231 @@ mod tests {
         .unwrap();
         assert_eq!(run(&cli, &mut Vec::new()), EXIT_UNREACHABLE);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ike_subcommands_parse_into_requests() {
+        let req = |args: &[&str]| request(&parse(args).unwrap().cmd).unwrap();
+        assert!(matches!(req(&["ike", "list"]), AdminRequest::IkeList));
+        assert!(matches!(
+            req(&["ike", "initiate", "meter-hq"]),
+            AdminRequest::IkeInitiate { connection } if connection == "meter-hq"
+        ));
+        assert!(matches!(
+            req(&["ike", "terminate", "7", "--json"]),
+            AdminRequest::IkeTerminate { name } if name == "7"
+        ));
+        assert!(parse(&["ike", "list", "--json"]).unwrap().json);
+        for bad in [
+            &["ike"][..],
+            &["ike", "initiate"],
+            &["ike", "terminate"],
+            &["ike", "initiate", "a", "b"],
+            &["ike", "rekey", "a"],
+        ] {
+            let e = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {bad:?}"));
+            assert_eq!(e.exit_code(), EXIT_USAGE, "{bad:?}");
+        }
+    }
+
+    fn ike_sample() -> Vec<IkeSaInfo> {
+        use crate::admin::ChildInfo;
+        vec![
+            IkeSaInfo {
+                id: 1,
+                connection: "meter-hq".into(),
+                terminal: "meter".into(),
+                local: "10.0.0.7:4500".into(),
+                remote: "198.51.100.1:4500".into(),
+                state: "established".into(),
+                initiator: false,
+                spi_i: "0123456789abcdef".into(),
+                spi_r: "fedcba9876543210".into(),
+                nat: true,
+                age_seconds: 302.0,
+                children: vec![
+                    ChildInfo {
+                        name: "meter-hq/data".into(),
+                        inbound_spi: "c1a2b3c4".into(),
+                        outbound_spi: "0badf00d".into(),
+                        aead: "aes128gcm16".into(),
+                        encap: true,
+                        installed: true,
+                        age_seconds: 301.0,
+                    },
+                    ChildInfo {
+                        name: "meter-hq/data".into(),
+                        inbound_spi: "c1a2b3c5".into(),
+                        outbound_spi: "0badf00e".into(),
+                        aead: "aes256gcm16".into(),
+                        encap: true,
+                        installed: false,
+                        age_seconds: 1.0,
+                    },
+                ],
+            },
+            IkeSaInfo {
+                id: 12,
+                connection: "cam".into(),
+                terminal: "camera".into(),
+                local: "10.0.0.8:500".into(),
+                remote: "203.0.113.9:500".into(),
+                state: "connecting".into(),
+                initiator: true,
+                spi_i: "1111111111111111".into(),
+                spi_r: "0000000000000000".into(),
+                nat: false,
+                age_seconds: 2.0,
+                children: vec![],
+            },
+        ]
+    }
+
+    #[test]
+    fn ike_list_shows_sas_with_their_children_indented() {
+        let text = fmt_ike_list(&ike_sample());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(
+            lines[0].starts_with("ID  CONNECTION  TERMINAL  LOCAL <-> REMOTE"),
+            "{text}"
+        );
+        assert!(
+            lines[0].ends_with(
+                "STATE        ROLE       IKE SPIS                               NAT  AGE"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            lines[1],
+            "1   meter-hq    meter     10.0.0.7:4500 <-> 198.51.100.1:4500  established  responder  0123456789abcdef_i fedcba9876543210_r  yes  5m02s"
+        );
+        assert_eq!(
+            lines[2],
+            "    meter-hq/data  in c1a2b3c4  out 0badf00d  aes128gcm16  udp-encap  installed      5m01s"
+        );
+        assert_eq!(
+            lines[3],
+            "    meter-hq/data  in c1a2b3c5  out 0badf00e  aes256gcm16  udp-encap  not installed  1s"
+        );
+        assert!(
+            lines[4].starts_with("12  cam         camera    10.0.0.8:500 <-> 203.0.113.9:500"),
+            "{text}"
+        );
+        assert!(
+            lines[4]
+                .contains("connecting   initiator  1111111111111111_i 0000000000000000_r  no   2s"),
+            "{text}"
+        );
+        assert_eq!(fmt_ike_list(&[]), "no IKE SAs\n");
+    }
+
+    /// A reply as bitw-control would send it, printed by bitwctl.
+    fn printed(args: &[&str], resp: AdminResponse) -> (i32, String) {
+        let cli = parse(args).unwrap();
+        let mut out = Vec::new();
+        let code = print_response(&cli, &resp, None, &mut out);
+        (code, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn ike_answers_print_as_tables_json_or_errors() {
+        let (code, text) = printed(&["ike", "list"], AdminResponse::ok(&ike_sample()));
+        assert_eq!(code, EXIT_OK);
+        assert!(text.contains("meter-hq/data  in c1a2b3c4"), "{text}");
+        // --json: the IkeSaInfo list as control sent it.
+        let (code, text) = printed(&["ike", "list", "--json"], AdminResponse::ok(&ike_sample()));
+        assert_eq!(code, EXIT_OK);
+        let v: Vec<IkeSaInfo> = serde_json::from_str(&text).unwrap();
+        assert_eq!((v.len(), v[0].children.len()), (2, 2));
+        assert!(text.contains("\"spi_i\": \"0123456789abcdef\""), "{text}");
+        let ok = AdminResponse::ok(&IkeResult {
+            message: "initiating connection `cam` (IKE SA #3)".into(),
+        });
+        let (code, text) = printed(&["ike", "initiate", "cam"], ok);
+        assert_eq!(
+            (code, text.as_str()),
+            (EXIT_OK, "initiating connection `cam` (IKE SA #3)\n")
+        );
+        // Refused (unknown connection, one already up): exit 1, message on stderr.
+        let no = AdminResponse::err(ErrorKind::Refused, "no connection named `x`");
+        let (code, text) = printed(&["ike", "initiate", "x"], no.clone());
+        assert_eq!((code, text.as_str()), (EXIT_REFUSED, ""));
+        let (code, text) = printed(&["ike", "terminate", "x", "--json"], no);
+        assert_eq!(code, EXIT_REFUSED);
+        assert!(text.contains("\"error_kind\": \"refused\""), "{text}");
+    }
+
+    #[test]
+    fn status_and_terminals_show_connections() {
+        use crate::admin::{IkeStatus, TerminalConnection, TerminalEntry};
+        let status: StatusInfo = serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "protocol_version": 1, "pid": 1, "uptime_seconds": 5.0,
+            "config_file": "/etc/bitw/bitw.toml", "admin_socket": "/run/bitw/control.sock",
+            "metrics_listen": null,
+            "dataplane": {"state": "down", "endpoint": "unix:/x", "peer": null, "instance": null,
+                "software": null, "protocol_version": null, "since_unix": 0.0,
+                "last_rtt_seconds": null, "last_error": "refused", "reconciled": false,
+                "connects": 0},
+            "sas": {"total": 0, "config": 0, "admin": 0, "ike": 0, "adopted": 0},
+            "rules": 0, "default_action": "bypass", "terminals": 1, "neighbors": 0,
+            "held_packets": null, "acquires": 0, "expires": {}, "punts": 0,
+            "hold_dropped_packets": 0, "acquired_sas": [], "last_reload": null
+        }))
+        .expect("an answer without `ike` (an older control) still reads");
+        assert!(!fmt_status(&status).contains("IKE"));
+        let status = StatusInfo {
+            ike: IkeStatus {
+                connections: 2,
+                established: 1,
+                connecting: 1,
+            },
+            ..status
+        };
+        assert!(fmt_status(&status)
+            .contains("IKE         2 connections; IKE SAs: 1 established, 1 connecting\n"));
+        let t = TerminalsInfo {
+            terminals: vec![
+                TerminalEntry {
+                    name: "meter".into(),
+                    address: "10.0.0.7".parse().unwrap(),
+                    port: None,
+                    mac: None,
+                    last_seen_unix: None,
+                    connections: vec![
+                        TerminalConnection {
+                            name: "meter-hq".into(),
+                            ike: "established".into(),
+                        },
+                        TerminalConnection {
+                            name: "meter-dr".into(),
+                            ike: "none".into(),
+                        },
+                    ],
+                },
+                TerminalEntry {
+                    name: "printer".into(),
+                    address: "10.0.0.9".parse().unwrap(),
+                    port: Some("inside".into()),
+                    mac: None,
+                    last_seen_unix: None,
+                    connections: vec![],
+                },
+            ],
+            neighbors: vec![],
+        };
+        let text = fmt_terminals(&t);
+        assert!(
+            text.lines().next().unwrap().ends_with("CONNECTIONS (IKE)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("never      meter-hq (established), meter-dr (none)\n"),
+            "{text}"
+        );
+        assert!(text.contains("never      -\n"), "{text}");
     }
 
     #[test]

@@ -29,12 +29,12 @@ use bitw_common::rules::Direction;
 
 use crate::admin::{
     AcquireInfo, AdminRequest, AdminResponse, AdminServer, ChangeResult, CountersInfo, ErrorKind,
-    LinkInfo, NeighborEntry, PolicyEntry, ReloadInfo, SaCounts, SaEntry, StatusInfo, TerminalEntry,
-    TerminalsInfo,
+    IkeResult, IkeStatus, LinkInfo, NeighborEntry, PolicyEntry, ReloadInfo, SaCounts, SaEntry,
+    StatusInfo, TerminalConnection, TerminalEntry, TerminalsInfo,
 };
 use crate::desired::{self, Desired, Plan, Removals, SaKey};
 use crate::link::{self, LinkCmd, LinkConfig, LinkEvent};
-use crate::metrics::{self, Metrics, Snapshot};
+use crate::metrics::{self, IkeSnapshot, Metrics, Snapshot};
 use crate::proxy::{self, Proxy};
 use crate::{debug, info, unix_now};
 
@@ -348,7 +348,7 @@ impl Engine {
         proxy: Proxy,
     ) -> Engine {
         let desired = Desired::from_config(&config);
-        let e = Engine {
+        let mut e = Engine {
             desired,
             metrics,
             snapshot,
@@ -419,6 +419,7 @@ impl Engine {
                 default(wait) => self.proxy.handle_timeout(Instant::now()),
             }
             self.proxy_actions();
+            self.publish_ike();
         }
         info!("stopping");
     }
@@ -475,7 +476,12 @@ impl Engine {
         Some(token)
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.publish_snapshot();
+        self.publish_ike();
+    }
+
+    fn publish_snapshot(&self) {
         let mut s = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
         s.link_up = self.link.up.is_some();
         let sas = self.dp.as_ref().map(|d| d.sas.as_slice()).unwrap_or(&[]);
@@ -492,6 +498,30 @@ impl Engine {
             .keys()
             .filter(|k| k.0 == PortName::Outside)
             .count();
+    }
+
+    /// The IKE proxy's numbers for the exporter: its set-up times go into
+    /// the histogram (drained here), its counters and SA counts into the
+    /// snapshot. Cheap (a few small maps): the engine loop runs it after
+    /// every message, so a scrape sees the proxy as of its last step.
+    fn publish_ike(&mut self) {
+        for secs in self.proxy.stats.handshake_seconds.drain(..) {
+            self.metrics.observe_ike_handshake(secs);
+        }
+        let counts = self.proxy.counts();
+        let st = &self.proxy.stats;
+        let ike = IkeSnapshot {
+            connections: self.proxy.connections().count(),
+            connecting: counts.connecting,
+            established: counts.established,
+            handshakes: st.handshakes.clone(),
+            rejected: st.rejected.clone(),
+            retransmits: st.retransmits,
+            cookies_sent: st.cookies_sent,
+            child_sas: st.child_sas.clone(),
+        };
+        let mut s = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        s.ike = ike;
     }
 
     // ---- link events ----
@@ -885,6 +915,21 @@ impl Engine {
             AdminRequest::Terminals => Query::Terminals,
             AdminRequest::Counters => Query::Counters,
             AdminRequest::Reload => return self.reload(Some(tx)),
+            // The proxy's state is all here: no dataplane round trip. What
+            // initiate/terminate set off goes out with the engine loop's
+            // `proxy_actions`.
+            AdminRequest::IkeList => {
+                let _ = tx.send(AdminResponse::ok(&self.proxy.list(Instant::now())));
+                return;
+            }
+            AdminRequest::IkeInitiate { connection } => {
+                let r = self.proxy.admin_initiate(Instant::now(), &connection);
+                return self.ike_answer(r, tx);
+            }
+            AdminRequest::IkeTerminate { name } => {
+                let r = self.proxy.admin_terminate(Instant::now(), &name);
+                return self.ike_answer(r, tx);
+            }
             change => {
                 self.queue.push_back(Queued::Admin(Box::new(change), tx));
                 return self.start_next();
@@ -910,6 +955,17 @@ impl Engine {
             ),
             q => self.answer(q),
         });
+    }
+
+    fn ike_answer(&mut self, r: Result<String, String>, tx: Sender<AdminResponse>) {
+        let _ = tx.send(match r {
+            Ok(message) => {
+                info!("admin: {message}");
+                AdminResponse::ok(&IkeResult { message })
+            }
+            Err(e) => AdminResponse::err(ErrorKind::Refused, e),
+        });
+        self.publish_ike();
     }
 
     fn reload(&mut self, waiter: Option<Sender<AdminResponse>>) {
@@ -1333,6 +1389,14 @@ impl Engine {
             hold_dropped_packets: self.hold_dropped,
             acquired_sas: acquired,
             last_reload: self.last_reload.clone(),
+            ike: {
+                let c = self.proxy.counts();
+                IkeStatus {
+                    connections: self.proxy.connections().count(),
+                    established: c.established,
+                    connecting: c.connecting,
+                }
+            },
         }
     }
 
@@ -1450,6 +1514,7 @@ impl Engine {
             })
             .collect();
         neighbors.sort_by(|a, b| (&a.port, a.ip).cmp(&(&b.port, b.ip)));
+        let ikes = self.proxy.list(Instant::now());
         let terminals = self
             .config
             .terminals
@@ -1465,6 +1530,15 @@ impl Engine {
                     port: seen.map(|(p, _)| p.as_str().to_string()),
                     mac: seen.map(|(_, n)| n.mac.clone()),
                     last_seen_unix: seen.map(|(_, n)| n.last_seen_unix),
+                    connections: self
+                        .proxy
+                        .connections()
+                        .filter(|c| c.terminal == t.name)
+                        .map(|c| TerminalConnection {
+                            name: c.name.clone(),
+                            ike: ike_state(&ikes, &c.name).into(),
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -1472,6 +1546,19 @@ impl Engine {
             terminals,
             neighbors,
         }
+    }
+}
+
+/// A connection's IKE state for `terminals`: established when one of its IKE
+/// SAs is, else connecting when one is being set up, else none.
+fn ike_state(ikes: &[proxy::IkeSaInfo], connection: &str) -> &'static str {
+    let mine = || ikes.iter().filter(|i| i.connection == connection);
+    if mine().any(|i| i.state == "established") {
+        "established"
+    } else if mine().next().is_some() {
+        "connecting"
+    } else {
+        "none"
     }
 }
 

@@ -28,6 +28,8 @@ pub struct FakeState {
     /// Every batch received, in order.
     pub batches: Vec<Batch>,
     pub acquire_failed: Vec<String>,
+    /// Datagrams control asked to inject.
+    pub injected: u64,
     pub pings: u64,
     pub sessions: u64,
     /// Refuse hellos with this reason.
@@ -210,7 +212,10 @@ fn handle(s: &mut FakeState, req: Request) -> Reply {
             s.acquire_failed.push(sa);
             Reply::Done
         }
-        Request::Inject { .. } => Reply::Injected,
+        Request::Inject { .. } => {
+            s.injected += 1;
+            Reply::Injected
+        }
         Request::Apply(batch) => {
             s.batches.push(batch.clone());
             if let Some(message) = s.reject_apply.take() {

@@ -32,6 +32,12 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
+/// Histogram buckets for IKE SA set-up times: 1 ms to 10 s (a handshake
+/// with retransmissions takes seconds; the first retransmission is at 1 s).
+pub const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// The quantiles exported as gauges.
 pub const QUANTILES: &[f64] = &[0.5, 0.99, 0.999];
 
@@ -45,7 +51,43 @@ pub struct Snapshot {
     pub terminals: usize,
     pub neighbors_inside: usize,
     pub neighbors_outside: usize,
+    pub ike: IkeSnapshot,
 }
+
+/// The IKE proxy's state and counters as the engine last published them
+/// (counters are the proxy's own running totals, exported as they are).
+#[derive(Debug, Clone, Default)]
+pub struct IkeSnapshot {
+    /// Configured `[[connection]]`s.
+    pub connections: usize,
+    pub connecting: usize,
+    pub established: usize,
+    /// Handshakes by result: `ok` or the failure reason.
+    pub handshakes: BTreeMap<String, u64>,
+    /// Datagrams rejected, by reason.
+    pub rejected: BTreeMap<String, u64>,
+    pub retransmits: u64,
+    pub cookies_sent: u64,
+    /// Child SAs by result: `established`, `failed_<reason>`.
+    pub child_sas: BTreeMap<String, u64>,
+}
+
+/// Handshake results exported from the start (at 0), so `rate()` and
+/// dashboards have series before the first negotiation. Other failure
+/// reasons appear when they first happen.
+pub const IKE_HANDSHAKE_RESULTS: &[&str] = &["ok", "timeout", "no_proposal_chosen", "auth_failed"];
+
+/// The proxy's rejection reasons, exported from the start (at 0).
+pub const IKE_REJECT_REASONS: &[&str] = &[
+    "from_inside",
+    "malformed",
+    "unknown_spi",
+    "no_connection",
+    "half_open_full",
+];
+
+/// Child SA results exported from the start (at 0).
+pub const IKE_CHILD_RESULTS: &[&str] = &["established"];
 
 /// Latencies over the last 5 to 10 minutes: two HDR histograms, rotated.
 pub struct Window {
@@ -105,6 +147,7 @@ pub struct Metrics {
     rtt_window: Arc<Mutex<Window>>,
     install: Histogram,
     install_window: Arc<Mutex<Window>>,
+    ike_handshake: Histogram,
     pub sa_installs: IntCounter,
     pub sa_removals: IntCounter,
     pub reloads: IntCounterVec,
@@ -152,6 +195,14 @@ impl Metrics {
             rtt_window: Arc::new(Mutex::new(Window::new(Duration::from_secs(300)))),
             install: hist("bitw_sa_install_seconds", "Round trip of an Apply batch (SA installs and table changes) as control measures it"),
             install_window: Arc::new(Mutex::new(Window::new(Duration::from_secs(300)))),
+            ike_handshake: Histogram::with_opts(
+                HistogramOpts::new(
+                    "bitw_ike_handshake_duration_seconds",
+                    "Time from the first IKE_SA_INIT to the IKE SA established (successful handshakes)",
+                )
+                .buckets(HANDSHAKE_BUCKETS.to_vec()),
+            )
+            .expect("valid"),
             sa_installs: counter("bitw_sa_installs_total", "SAs installed or replaced in the dataplane"),
             sa_removals: counter("bitw_sa_removals_total", "SAs removed from the dataplane"),
             reloads: IntCounterVec::new(
@@ -182,6 +233,7 @@ impl Metrics {
         reg(Box::new(m.disconnects.clone()));
         reg(Box::new(m.rtt.clone()));
         reg(Box::new(m.install.clone()));
+        reg(Box::new(m.ike_handshake.clone()));
         reg(Box::new(m.sa_installs.clone()));
         reg(Box::new(m.sa_removals.clone()));
         reg(Box::new(m.reloads.clone()));
@@ -193,6 +245,11 @@ impl Metrics {
     pub fn observe_rtt(&self, d: Duration) {
         self.rtt.observe(d.as_secs_f64());
         lock(&self.rtt_window).record(d);
+    }
+
+    /// A successful IKE handshake's set-up time.
+    pub fn observe_ike_handshake(&self, seconds: f64) {
+        self.ike_handshake.observe(seconds);
     }
 
     pub fn observe_install(&self, d: Duration) {
@@ -428,6 +485,49 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = {
             C,
             &[],
         ),
+        // The IKE proxy (control's own: present while the dataplane is down).
+        (
+            "bitw_ike_connections",
+            "Configured IKE connections ([[connection]])",
+            G,
+            &[],
+        ),
+        (
+            "bitw_ike_sas",
+            "IKE SAs by state (connecting: IKE_SA_INIT/IKE_AUTH under way)",
+            G,
+            &["state"],
+        ),
+        (
+            "bitw_ike_handshakes_total",
+            "IKE SA set-ups by result (ok, or the failure reason)",
+            C,
+            &["result"],
+        ),
+        (
+            "bitw_ike_retransmits_total",
+            "IKE requests retransmitted",
+            C,
+            &[],
+        ),
+        (
+            "bitw_ike_cookies_sent_total",
+            "IKE_SA_INIT requests answered with a COOKIE",
+            C,
+            &[],
+        ),
+        (
+            "bitw_ike_rejected_total",
+            "IKE datagrams rejected, by reason",
+            C,
+            &["reason"],
+        ),
+        (
+            "bitw_ike_child_sas_total",
+            "Child SA negotiations by result (established, failed_<reason>)",
+            C,
+            &["result"],
+        ),
     ]
 };
 
@@ -521,6 +621,7 @@ fn collect_into(out: &mut Out, stats: Option<&Stats>, snap: &Snapshot) {
         &[("port", "outside")],
         snap.neighbors_outside as f64,
     );
+    collect_ike(out, &snap.ike);
     let Some(s) = stats else { return };
     if snap.link_up {
         out.add("bitw_sas", &[("direction", "in")], snap.sas_in as f64);
@@ -657,6 +758,44 @@ fn collect_into(out: &mut Out, stats: Option<&Stats>, snap: &Snapshot) {
     out.add("bitw_punted_packets_total", &[], s.punted as f64);
     out.add("bitw_injected_packets_total", &[], s.injected as f64);
     out.add("bitw_inject_failed_total", &[], s.inject_failed as f64);
+}
+
+/// The IKE proxy's series: always present, the usual results and reasons
+/// at 0 before they first happen.
+fn collect_ike(out: &mut Out, ike: &IkeSnapshot) {
+    out.add("bitw_ike_connections", &[], ike.connections as f64);
+    out.add(
+        "bitw_ike_sas",
+        &[("state", "connecting")],
+        ike.connecting as f64,
+    );
+    out.add(
+        "bitw_ike_sas",
+        &[("state", "established")],
+        ike.established as f64,
+    );
+    let with_defaults = |m: &BTreeMap<String, u64>, defaults: &[&str]| {
+        let mut all = m.clone();
+        for d in defaults {
+            all.entry(d.to_string()).or_insert(0);
+        }
+        all
+    };
+    for (result, n) in with_defaults(&ike.handshakes, IKE_HANDSHAKE_RESULTS) {
+        out.add(
+            "bitw_ike_handshakes_total",
+            &[("result", &result)],
+            n as f64,
+        );
+    }
+    for (reason, n) in with_defaults(&ike.rejected, IKE_REJECT_REASONS) {
+        out.add("bitw_ike_rejected_total", &[("reason", &reason)], n as f64);
+    }
+    for (result, n) in with_defaults(&ike.child_sas, IKE_CHILD_RESULTS) {
+        out.add("bitw_ike_child_sas_total", &[("result", &result)], n as f64);
+    }
+    out.add("bitw_ike_retransmits_total", &[], ike.retransmits as f64);
+    out.add("bitw_ike_cookies_sent_total", &[], ike.cookies_sent as f64);
 }
 
 /// On each scrape: the dataplane's latest counters, control's snapshot and
@@ -898,6 +1037,15 @@ pub(crate) mod tests {
     }
 
     fn rendered(up: bool, stats: Option<Stats>) -> (Arc<Metrics>, String) {
+        rendered_with(up, stats, IkeSnapshot::default(), &[])
+    }
+
+    fn rendered_with(
+        up: bool,
+        stats: Option<Stats>,
+        ike: IkeSnapshot,
+        handshakes: &[f64],
+    ) -> (Arc<Metrics>, String) {
         let m = Metrics::new();
         let stats = stats.map(Arc::new);
         let snap = Arc::new(Mutex::new(Snapshot {
@@ -907,7 +1055,11 @@ pub(crate) mod tests {
             terminals: 1,
             neighbors_inside: 3,
             neighbors_outside: 0,
+            ike,
         }));
+        for h in handshakes {
+            m.observe_ike_handshake(*h);
+        }
         m.add_dataplane_collector(Box::new(move || stats.clone()), snap)
             .unwrap();
         m.dataplane_up.set(up as i64);
@@ -1029,6 +1181,117 @@ pub(crate) mod tests {
         // Up but the dataplane does not answer: the same.
         let (_m, text) = rendered(true, None);
         assert!(!text.contains("bitw_port_packets_total"));
+        check_with_promtool(&text);
+    }
+
+    #[test]
+    fn ike_series_exist_from_the_start_with_their_types() {
+        // No connection, no negotiation: every family is there, at 0.
+        let (_m, text) = rendered(false, None);
+        for (series, want) in [
+            ("bitw_ike_connections", 0.0),
+            (r#"bitw_ike_sas{state="connecting"}"#, 0.0),
+            (r#"bitw_ike_sas{state="established"}"#, 0.0),
+            (r#"bitw_ike_handshakes_total{result="ok"}"#, 0.0),
+            (r#"bitw_ike_handshakes_total{result="timeout"}"#, 0.0),
+            (
+                r#"bitw_ike_handshakes_total{result="no_proposal_chosen"}"#,
+                0.0,
+            ),
+            (r#"bitw_ike_handshakes_total{result="auth_failed"}"#, 0.0),
+            (r#"bitw_ike_rejected_total{reason="unknown_spi"}"#, 0.0),
+            (r#"bitw_ike_child_sas_total{result="established"}"#, 0.0),
+            ("bitw_ike_retransmits_total", 0.0),
+            ("bitw_ike_cookies_sent_total", 0.0),
+            ("bitw_ike_handshake_duration_seconds_count", 0.0),
+            (
+                r#"bitw_ike_handshake_duration_seconds_bucket{le="+Inf"}"#,
+                0.0,
+            ),
+        ] {
+            assert_eq!(value(&text, series), Some(want), "{series} in:\n{text}");
+        }
+        for (family, ty) in [
+            ("bitw_ike_connections", "gauge"),
+            ("bitw_ike_sas", "gauge"),
+            ("bitw_ike_handshakes_total", "counter"),
+            ("bitw_ike_rejected_total", "counter"),
+            ("bitw_ike_child_sas_total", "counter"),
+            ("bitw_ike_retransmits_total", "counter"),
+            ("bitw_ike_cookies_sent_total", "counter"),
+            ("bitw_ike_handshake_duration_seconds", "histogram"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} {ty}\n")),
+                "{family} is not a {ty}:\n{text}"
+            );
+        }
+        check_with_promtool(&text);
+
+        // With traffic: the proxy's totals as they are, new reasons added.
+        let ike = IkeSnapshot {
+            connections: 2,
+            connecting: 1,
+            established: 3,
+            handshakes: [("ok".to_string(), 5u64), ("ts_unacceptable".to_string(), 1)]
+                .into_iter()
+                .collect(),
+            rejected: [
+                ("malformed".to_string(), 4u64),
+                ("invalid_spi".to_string(), 2),
+            ]
+            .into_iter()
+            .collect(),
+            retransmits: 7,
+            cookies_sent: 9,
+            child_sas: [
+                ("established".to_string(), 6u64),
+                ("failed_no_proposal_chosen".to_string(), 1),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let (_m, text) = rendered_with(true, Some(sample_stats()), ike, &[0.004, 0.03, 1.5]);
+        for (series, want) in [
+            ("bitw_ike_connections", 2.0),
+            (r#"bitw_ike_sas{state="connecting"}"#, 1.0),
+            (r#"bitw_ike_sas{state="established"}"#, 3.0),
+            (r#"bitw_ike_handshakes_total{result="ok"}"#, 5.0),
+            (r#"bitw_ike_handshakes_total{result="timeout"}"#, 0.0),
+            (
+                r#"bitw_ike_handshakes_total{result="ts_unacceptable"}"#,
+                1.0,
+            ),
+            (r#"bitw_ike_rejected_total{reason="malformed"}"#, 4.0),
+            (r#"bitw_ike_rejected_total{reason="invalid_spi"}"#, 2.0),
+            (r#"bitw_ike_rejected_total{reason="no_connection"}"#, 0.0),
+            (r#"bitw_ike_child_sas_total{result="established"}"#, 6.0),
+            (
+                r#"bitw_ike_child_sas_total{result="failed_no_proposal_chosen"}"#,
+                1.0,
+            ),
+            ("bitw_ike_retransmits_total", 7.0),
+            ("bitw_ike_cookies_sent_total", 9.0),
+            ("bitw_ike_handshake_duration_seconds_count", 3.0),
+            (
+                r#"bitw_ike_handshake_duration_seconds_bucket{le="0.001"}"#,
+                0.0,
+            ),
+            (
+                r#"bitw_ike_handshake_duration_seconds_bucket{le="0.005"}"#,
+                1.0,
+            ),
+            (
+                r#"bitw_ike_handshake_duration_seconds_bucket{le="0.05"}"#,
+                2.0,
+            ),
+            (
+                r#"bitw_ike_handshake_duration_seconds_bucket{le="10"}"#,
+                3.0,
+            ),
+        ] {
+            assert_eq!(value(&text, series), Some(want), "{series} in:\n{text}");
+        }
         check_with_promtool(&text);
     }
 

@@ -778,3 +778,113 @@ fn reload_merge_keeps_admin_parts_and_their_places() {
         .iter()
         .any(|w| w.contains("`y`") && w.contains("SPI")));
 }
+
+#[test]
+fn ike_admin_requests_status_terminals_and_metrics() {
+    use crate::admin::IkeSaInfo;
+    let env = Env::new("ike");
+    env.key("hq.psk", "a pre-shared key of some length\n");
+    let d = env.dir.display();
+    env.write_config(&format!(
+        r#"
+[[connection]]
+name = "meter-hq"
+terminal = "meter"
+remote_addrs = ["198.51.100.1"]
+local_id = "10.0.0.7"
+remote_id = "198.51.100.1"
+auth = "psk"
+psk_file = "{d}/hq.psk"
+start_action = "trap"
+
+[[connection.children]]
+name = "data"
+mode = "tunnel"
+local_ts = ["10.0.0.7/32"]
+remote_ts = ["198.51.100.1/32"]
+"#
+    ));
+    let dp = FakeDp::start(&env.dp);
+    let daemon = Daemon::start(env.config()).unwrap();
+    env.wait_reconciled("fake-1");
+    let list = |env: &Env| env.ok::<Vec<IkeSaInfo>>(AdminRequest::IkeList);
+    assert!(list(&env).is_empty());
+    let s = env.status();
+    assert_eq!(
+        (s.ike.connections, s.ike.established, s.ike.connecting),
+        (1, 0, 0)
+    );
+    let t: TerminalsInfo = env.ok(AdminRequest::Terminals);
+    let c = &t.terminals[0].connections;
+    assert_eq!(
+        (c.len(), c[0].name.as_str(), c[0].ike.as_str()),
+        (1, "meter-hq", "none")
+    );
+
+    // Unknown connection: refused (bitwctl exit 1).
+    let r = env.call(AdminRequest::IkeInitiate {
+        connection: "nope".into(),
+    });
+    assert_eq!(r.error_kind, Some(ErrorKind::Refused), "{r:?}");
+    assert!(r.error.unwrap().contains("nope"));
+
+    let r: crate::admin::IkeResult = env.ok(AdminRequest::IkeInitiate {
+        connection: "meter-hq".into(),
+    });
+    assert!(r.message.contains("meter-hq"), "{}", r.message);
+    let l = list(&env);
+    assert_eq!(l.len(), 1);
+    assert_eq!(
+        (
+            l[0].connection.as_str(),
+            l[0].terminal.as_str(),
+            l[0].state.as_str(),
+            l[0].initiator
+        ),
+        ("meter-hq", "meter", "connecting", true)
+    );
+    assert!(l[0].local.starts_with("10.0.0.7") && l[0].remote.starts_with("198.51.100.1"));
+    // The IKE_SA_INIT went to the dataplane to be injected.
+    wait("the IKE_SA_INIT injected", || dp.state().injected > 0);
+    // One IKE SA per connection.
+    let r = env.call(AdminRequest::IkeInitiate {
+        connection: "meter-hq".into(),
+    });
+    assert_eq!(r.error_kind, Some(ErrorKind::Refused), "{r:?}");
+    let s = env.status();
+    assert_eq!((s.ike.established, s.ike.connecting), (0, 1));
+    let t: TerminalsInfo = env.ok(AdminRequest::Terminals);
+    assert_eq!(t.terminals[0].connections[0].ike, "connecting");
+
+    let addr = daemon.metrics_addr.unwrap();
+    let (_, body) = http_get(addr, "/metrics");
+    for needle in [
+        "bitw_ike_connections 1",
+        "bitw_ike_sas{state=\"connecting\"} 1",
+        "bitw_ike_sas{state=\"established\"} 0",
+        "bitw_ike_handshakes_total{result=\"ok\"} 0",
+        "bitw_ike_handshake_duration_seconds_count 0",
+        "bitw_ike_retransmits_total 0",
+    ] {
+        assert!(body.contains(needle), "{needle} missing in:\n{body}");
+    }
+    crate::metrics::tests::check_with_promtool(&body);
+
+    // By id: an unknown one is refused; the connection's name works.
+    let r = env.call(AdminRequest::IkeTerminate { name: "99".into() });
+    assert_eq!(r.error_kind, Some(ErrorKind::Refused), "{r:?}");
+    let id = l[0].id.to_string();
+    let r: crate::admin::IkeResult = env.ok(AdminRequest::IkeTerminate { name: id });
+    assert!(
+        r.message.contains(&format!("#{}", l[0].id)),
+        "{}",
+        r.message
+    );
+    assert!(list(&env).is_empty());
+    let (_, body) = http_get(addr, "/metrics");
+    assert!(
+        body.contains("bitw_ike_sas{state=\"connecting\"} 0"),
+        "{body}"
+    );
+    daemon.stop();
+}
