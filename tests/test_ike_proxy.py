@@ -212,6 +212,19 @@ def test_counterpart_initiates_bitw_answers_as_the_terminal(rig_factory, family,
     r = rig.ping(seconds=1.0)
     assert r.lost == 0 and r.sent > 20, f"{r}\n{rig.describe()}"
     check_capture(rig, r, esp)
+    # bitwctl shows the IKE SA as charon does, and terminates it
+    ikes = rig.ctl_ok("ike", "list")
+    assert len(ikes) == 1 and ikes[0]["state"] == "established", ikes
+    assert (ikes[0]["spi_i"], ikes[0]["spi_r"]) == \
+        (sas[0]["initiator-spi"], sas[0]["responder-spi"]), (ikes, sas)
+    assert ikes[0]["initiator"] is False and ikes[0]["nat"] is True, ikes
+    kids = ikes[0]["children"]
+    assert [(k["name"], k["aead"], k["installed"]) for k in kids] == \
+        [("meter-hq/data", esp, True)], kids
+    rig.ctl_ok("ike", "terminate", "meter-hq")
+    wait_until(lambda: rig.cp.list_sas() == [], what="charon's IKE SA deleted by bitw")
+    wait_until(lambda: rig.ctl_ok("ike", "list") == [], what="bitw's IKE SA gone")
+    wait_until(lambda: not ike_sas(rig), what="the Child SA's SAs out of the dataplane")
 
 
 @pytest.mark.parametrize("family", [4, 6])
