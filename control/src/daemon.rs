@@ -804,9 +804,9 @@ impl Engine {
                     if self.desired.find_sa(&a.sa, a.direction).is_some() {
                         info!("acquire for SA {}: {flow}{more}; packets are held until it is installed", key_str(&key));
                     } else if known {
-                        info!("acquire for SA {}: {flow}{more}; not installed and no IKE yet: packets are held until it is added (bitwctl sa add) or they time out", key_str(&key));
+                        info!("acquire for SA {}: {flow}{more}; not installed and no [[connection]] negotiates it: packets are held until it is added (bitwctl sa add) or they time out", key_str(&key));
                     } else {
-                        info!("acquire for SA {}: {flow}{more}; control does not know this SA (no IKE yet): the held packets are dropped", key_str(&key));
+                        info!("acquire for SA {}: {flow}{more}; control does not know this SA (no [[sa]], no [[connection]] child): the held packets are dropped", key_str(&key));
                     }
                 } else {
                     rec.suppressed += 1;
@@ -838,10 +838,12 @@ impl Engine {
                     ExpireReason::HardLifetime => "reached its hard lifetime and expired",
                     ExpireReason::SequenceExhausted => "ran out of sequence numbers and expired",
                 };
-                let then = if reason == ExpireReason::SoftLifetime {
+                let then = if origin == "ike" {
+                    "; IKE rekeys or deletes its Child SA"
+                } else if reason == ExpireReason::SoftLifetime {
                     ""
                 } else {
-                    "; nothing rekeys it yet (IKE comes later): replace it with bitwctl or the config"
+                    "; a static SA is not rekeyed: replace it with bitwctl or the config"
                 };
                 info!(
                     "SA `{sa}` ({}, SPI {spi:#010x}, origin {origin}) {what}{then}",
@@ -1268,6 +1270,9 @@ impl Engine {
         }
         if let Some(c) = config {
             self.config = *c;
+            if let Err(e) = self.proxy.reconfigure(Instant::now(), &self.config) {
+                info!("reload: the IKE connections were not changed: {e}");
+            }
             self.metrics.reloads.with_label_values(&["ok"]).inc();
             self.metrics.last_reload_success.set(unix_now());
             self.last_reload = Some(ReloadInfo {

@@ -343,6 +343,42 @@ impl Proxy {
         })
     }
 
+    /// A reloaded configuration: connections that did not change keep
+    /// their IKE SAs; the IKE SAs of changed or removed ones are deleted
+    /// with the peer (a changed one negotiates again on traffic or `start`).
+    pub fn reconfigure(&mut self, now: Instant, config: &Config) -> Result<(), ConfigError> {
+        let fresh = Proxy::new(config)?;
+        let mut remap = HashMap::new();
+        for (old_i, old) in self.conns.iter().enumerate() {
+            if let Some(new_i) = fresh.conns.iter().position(|n| n.cfg == old.cfg) {
+                remap.insert(old_i, new_i);
+            }
+        }
+        let gone: Vec<(u64, usize)> = self
+            .ikes
+            .iter()
+            .filter(|(_, k)| !remap.contains_key(&k.conn))
+            .map(|(id, k)| (*id, k.conn))
+            .collect();
+        for (id, conn) in gone {
+            info!(
+                "reload: connection `{}` changed or was removed: deleting IKE SA #{id}",
+                self.conns[conn].cfg.name
+            );
+            let sent = self.ikes.get_mut(&id).is_some_and(|k| k.sa.delete(now));
+            self.drain(now, id);
+            // Its Child SAs go now; the Delete needs no answer to matter.
+            self.close(now, id, conn, "connection changed by a reload");
+            let _ = sent;
+        }
+        for ike in self.ikes.values_mut() {
+            ike.conn = remap[&ike.conn];
+        }
+        self.conns = fresh.conns;
+        self.link_up(now);
+        Ok(())
+    }
+
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
@@ -1235,3 +1271,6 @@ impl Proxy {
 pub fn inbound_sa_name(out_name: &str, spi: u32) -> String {
     format!("{out_name}/{spi:08x}")
 }
+
+#[cfg(test)]
+mod tests;
