@@ -69,7 +69,7 @@ class Rig:
 
     def __init__(self, tmp_path, dataplane, family=4, esp="aes128gcm16", start_action="trap",
                  charon_child=None, conn_extra=None, child_extra=None, charon_conn=None,
-                 ca=None):
+                 ca=None, charon_psk=PSK, extra_config="", extra_charon=()):
         self.tmp, self.family = Path(tmp_path), family
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.topo = Topology("veth")
@@ -85,7 +85,7 @@ class Rig:
             text += connection_tables(self.topo, family, psk_file=psk_file, esp=esp,
                                       start_action=start_action, extra=conn_extra,
                                       child_extra=child_extra)
-            self.cfg.write_text(text)
+            self.cfg.write_text(text + extra_config)
             self.admin = self.tmp / "control.sock"
             self.dp = Proc([dataplane, "--config", self.cfg])
             self.dp.wait_line(r"forwarding with")
@@ -94,9 +94,10 @@ class Rig:
             self.ctl.wait_line(r"reconciled")
             t, c = self.topo.terminal, self.topo.counterpart
             self.cp = Charon(c.ns, self.tmp / "counterpart")
-            self.cp.add(Conn("hq", c.addr(family), t.addr(family), psk=PSK, proposals=PROPOSALS,
+            self.cp.add(Conn("hq", c.addr(family), t.addr(family), psk=charon_psk,
+                             proposals=PROPOSALS,
                              children=[charon_child or Child("data", esp_proposals=esp)],
-                             **(charon_conn or {})))
+                             **(charon_conn or {})), *extra_charon)
             if ca:
                 self.cp.install_ca(ca)
             self.cp.start().load()
@@ -142,6 +143,7 @@ def rig_factory(tmp_path, dataplane):
         rigs.append(r)
         return r
 
+    make.tmp = tmp_path
     yield make
     for r in rigs:
         r.close()
@@ -386,3 +388,61 @@ def test_counterpart_restart_is_noticed_and_traffic_reestablishes(rig_factory):
     assert re.search(r"IKE SA #2 of connection `meter-hq` established as initiator",
                      rig.ctl.log()), rig.describe()
     check_capture(rig, r, "aes128gcm16", since_start=True)
+
+
+def test_failed_negotiation_drops_the_held_packets(rig_factory):
+    """The counterpart refuses bitw's PSK: the pings that triggered IKE were
+    held, are dropped and counted (hold_failed), and never left in clear."""
+    rig = rig_factory(start_action="trap", charon_psk=b"not the key bitw has, 0123456789")
+    r = rig.ping(seconds=1.5, interval=0.05)
+    assert r.received == 0, r
+    wait_until(lambda: re.search(r"IKE SA #\d+ of connection `meter-hq` failed \(auth_failed\)",
+                                 rig.ctl.log()), what="the failed negotiation")
+    counters = rig.ctl_ok("counters")
+    assert counters["drops"].get("hold_failed", 0) >= 1, counters["drops"]
+    assert rig.cp.list_sas() == []
+    frames = rig.capture.frames()
+    problems = sw.ike_esp_problems(frames, [(rig.topo.terminal.v4, rig.topo.counterpart.v4)])
+    assert problems == [], problems[:5]
+
+
+def test_two_terminals_one_counterpart_each_their_own_ike_sa(rig_factory):
+    """Two terminals behind the box talk to one counterpart: each has its
+    own IKE SA, from its own address and with its own identity, as if each
+    ran IKE itself."""
+    t2 = "10.99.0.3"
+    psk2 = PSK  # charon picks a PSK by the peers' ids only when the harness names them
+    extra = ("\n[[terminal]]\nname = \"meter2\"\naddress = \"%s\"\n"
+             "\n[[connection]]\nname = \"meter2-hq\"\nterminal = \"meter2\"\n"
+             "remote_addrs = [\"10.99.0.2\"]\nproposals = [\"%s\"]\nauth = \"psk\"\n"
+             "psk_file = \"{psk2}\"\nstart_action = \"none\"\n"
+             "\n[[connection.children]]\nname = \"data\"\nesp_proposals = [\"aes256gcm16\"]\n"
+             % (t2, PROPOSALS))
+    psk2_file = Path(rig_factory.tmp) / "meter2.psk"
+    psk2_file.write_bytes(psk2)
+    psk2_file.chmod(0o600)
+    c4 = "10.99.0.2"
+    rig = rig_factory(start_action="none", extra_config=extra.replace("{psk2}", str(psk2_file)),
+                      extra_charon=[Conn("hq2", c4, t2, psk=psk2, proposals=PROPOSALS,
+                                         children=[Child("data2", esp_proposals="aes256gcm16")])])
+    rig.topo.terminal.sh(f"ip addr add {t2}/24 dev {rig.topo.terminal.ifname}")
+    for child in ("data", "data2"):
+        try:
+            rig.cp.initiate(child=child)
+        except sw.HarnessError as e:
+            raise AssertionError(f"{e}\n{rig.describe()}") from None
+    sas = rig.cp.wait_established(child=None, ike="hq2")
+    by_conn = {s["name"]: s for s in rig.cp.list_sas()}
+    assert set(by_conn) == {"hq", "hq2"}, by_conn
+    assert by_conn["hq"]["remote-host"] == "10.99.0.1" and by_conn["hq2"]["remote-host"] == t2
+    assert by_conn["hq2"]["remote-id"] == t2, by_conn["hq2"]
+    ikes = {k["connection"]: k for k in rig.ctl_ok("ike", "list")}
+    assert set(ikes) == {"meter-hq", "meter2-hq"}, ikes
+    assert ikes["meter-hq"]["local"].startswith("10.99.0.1:") and \
+        ikes["meter2-hq"]["local"].startswith(t2 + ":"), ikes
+    assert ikes["meter2-hq"]["children"][0]["aead"] == "aes256gcm16", ikes
+    wait_until(lambda: len(ike_sas(rig)) == 2 and len([
+        s for s in rig.ctl_ok("sa", "list") if s["name"].startswith("meter2-hq/")]) == 2,
+        what="both terminals' Child SAs in the dataplane")
+    r = rig.ping(seconds=0.5)
+    assert r.lost == 0, r
