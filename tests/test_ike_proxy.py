@@ -310,11 +310,14 @@ def child_uniqueid(rig):
     return kids[0]["uniqueid"]
 
 
-@pytest.mark.parametrize("who", ["counterpart", "bitw"])
+@pytest.mark.parametrize("who", ["counterpart", "bitw", "packets"])
 def test_child_rekey_under_traffic_loses_nothing(rig_factory, who):
     """A Child SA rekey while the terminal pings every 10 ms: not one ping
-    lost, every ESP frame (old and new SA) decrypts with charon's keys."""
-    child_extra = {"rekey_time": "2s", "life_time": "30s"} if who == "bitw" else None
+    lost, every ESP frame (old and new SA) decrypts with charon's keys.
+    Started by charon, by bitw's rekey_time, or by the dataplane counting
+    rekey_packets (its soft-lifetime event makes bitw rekey)."""
+    child_extra = {"bitw": {"rekey_time": "2s", "life_time": "30s"},
+                   "packets": {"rekey_packets": 150, "life_packets": 100000}}.get(who)
     rig = rig_factory(start_action="trap", child_extra=child_extra)
     up_by_traffic(rig)
     old = child_uniqueid(rig)
@@ -327,10 +330,13 @@ def test_child_rekey_under_traffic_loses_nothing(rig_factory, who):
     new = rig.cp.wait_rekeyed("data", old, timeout=10)
     assert int(new["uniqueid"]) > int(old)
     assert r.lost == 0 and r.sent > 300, f"{r}\n{rig.describe()}"
-    started = "we" if who == "bitw" else "the peer"
+    started = "the peer" if who == "counterpart" else "we"
     assert re.search(rf"Child SA `meter-hq/data` up: .*rekeying [0-9a-f]{{8}}_i \({started} started it\)",
                      rig.ctl.log()), rig.describe()
     check_capture(rig, r, "aes128gcm16")
+    if who == "packets":
+        assert re.search(r"reached its soft lifetime: rekeying its Child SA", rig.ctl.log()), \
+            rig.describe()
     # the old SAs leave the dataplane: one inbound and one outbound SA remain
     wait_until(lambda: len(ike_sas(rig)) == 2, what=f"old SAs removed ({ike_sas(rig)})")
 
