@@ -10,14 +10,25 @@ counterpart runs Debian's charon. Cases:
 
   * the counterpart initiates to the terminal's address: bitw answers as the
     terminal, installs the Child SA; the terminal's pings get their replies;
+    `bitwctl ike list` shows what charon shows, `ike terminate` deletes it;
   * the terminal's first packet triggers IKE (acquire): the held packets go
-    out once the SA is installed;
-  * IPv4 and IPv6, AES-GCM-128 and -256;
+    out once the SA is installed; a refused negotiation drops them (counted);
+  * IPv4 and IPv6, AES-GCM-128 and -256, PSK and certificates (ECDSA with a
+    DN identity, RSA with an e-mail identity), either side initiating;
+  * Child SA rekeys under 100 pings/s with zero loss: started by charon, by
+    bitw's rekey_time, or by the dataplane's packet count; IKE SA rekeys
+    (charon's and bitw's) under the same stream, then a Child SA rekey
+    through the new IKE SA;
+  * charon killed: bitw's liveness checks notice, the SAs leave the
+    dataplane, and the terminal's next packets negotiate anew with the
+    restarted charon;
+  * two terminals, one counterpart: an IKE SA each, from each terminal's
+    address;
 
-and in every case a capture on the counterpart's veth shows only IKE and ESP
-between the two addresses (never a ping in plaintext), and every ESP frame
-decrypts (Scapy) with the keys from charon's log to exactly the pings and
-their replies.
+and in every case with traffic a capture on the counterpart's veth shows
+only IKE and ESP between the two addresses (never a ping in plaintext), and
+every ESP frame decrypts (Scapy) with the keys from charon's log to exactly
+the pings and their replies.
 
 Needs root, DPDK and strongSwan (scripts/setup-debian.sh); fails loudly without.
 """
