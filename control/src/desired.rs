@@ -6,8 +6,8 @@
 //! [`plan`] compares it with what the dataplane reports ([`DataplaneState`])
 //! and yields one atomic [`Batch`] with only the differences: an SA whose
 //! fingerprint matches is left alone (keeping its sequence number and
-//! counters), unknown admin/IKE SAs and rules are adopted, config ones that
-//! are no longer wanted are removed.
+//! counters), unknown admin SAs and rules are adopted, config ones that
+//! are no longer wanted and IKE ones control does not hold are removed.
 //!
 //! Everything here is pure: no I/O, no clocks, so it is tested with plain values.
 
@@ -658,7 +658,12 @@ pub fn plan(desired: &Desired, state: &DataplaneState, removals: &Removals) -> P
         if desired.find_sa(&h.name, h.direction).is_some() {
             continue;
         }
-        if h.origin == Origin::Config || removals.sas.contains(&key) {
+        // An IKE SA control does not hold belongs to an IKE SA that died
+        // with the previous control process: nothing can rekey or delete it
+        // with the peer, and while it stays the terminal's traffic would use
+        // it without ever asking for a new one. It goes; the next packet
+        // negotiates afresh (with INITIAL_CONTACT, so the peer drops its side).
+        if h.origin == Origin::Config || h.origin == Origin::Ike || removals.sas.contains(&key) {
             out.removes.push(key);
             removes.push(SaChange::Remove {
                 name: h.name.clone(),
@@ -911,7 +916,7 @@ mod tests {
     }
 
     #[test]
-    fn config_sa_gone_from_config_is_removed_admin_is_adopted() {
+    fn config_sa_gone_from_config_is_removed_admin_is_adopted_stale_ike_removed() {
         let a = sa("a", Direction::Out, 0x1001, Origin::Config);
         let old = sa("old", Direction::Out, 0x1002, Origin::Config);
         let adm = sa("adm", Direction::In, 0x3003, Origin::Admin);
@@ -922,14 +927,16 @@ mod tests {
             vec![info(&a, 5), info(&old, 5), info(&adm, 7), info(&ike, 1)],
         );
         let p = plan(&d, &st, &Removals::default());
-        assert_eq!(names(&p.removes), ["old"]);
-        assert!(matches!(&p.batch.sas[..], [SaChange::Remove { name, .. }] if name == "old"));
-        assert_eq!(p.adopted_sas.len(), 2);
+        assert_eq!(names(&p.removes), ["old", "ike"]);
+        assert!(
+            matches!(&p.batch.sas[..], [SaChange::Remove { name, .. }, SaChange::Remove { name: n2, .. }] if name == "old" && n2 == "ike")
+        );
+        assert_eq!(p.adopted_sas.len(), 1);
         let adopted = p.desired.find_sa("adm", Direction::In).unwrap();
         assert!(adopted.is_adopted() && adopted.origin == Origin::Admin);
         assert_eq!(adopted.spi(), 0x3003);
         // Planning again against the same dataplane changes nothing more.
-        let st2 = state_of(&p.desired, vec![info(&a, 5), info(&adm, 7), info(&ike, 1)]);
+        let st2 = state_of(&p.desired, vec![info(&a, 5), info(&adm, 7)]);
         let p2 = plan(&p.desired, &st2, &Removals::default());
         assert!(p2.is_empty() && p2.adopted() == 0, "{:?}", p2.batch);
         // An explicit admin removal removes instead of adopting.
