@@ -24,9 +24,10 @@ use bitw_common::proto::{Event, FromDataplane, Hello, HelloReply, Reply, Request
 
 use crate::metrics::Metrics;
 
-/// How long a read waits before the link looks at its queue again (bounds
-/// the latency a queued request sees before it is written).
-const POLL: Duration = Duration::from_millis(5);
+/// How long the link thread waits for the dataplane before it looks at the
+/// engine's queued requests again: a request waits at most this long (IKE
+/// answers and SA installs are requests, so it is part of every handshake).
+const POLL: Duration = Duration::from_millis(1);
 
 #[derive(Debug, Clone)]
 pub struct LinkConfig {

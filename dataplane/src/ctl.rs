@@ -498,10 +498,12 @@ impl<'a> Ctl<'a> {
 
     /// Receives and answers what the session sent (or waits a little).
     fn serve(&mut self, busy: bool) {
+        // Punted IKE waits at most this long for the control thread: it is
+        // part of every IKE round trip, so the idle wait is short too.
         let wait = if busy {
-            Duration::from_millis(1)
+            Duration::from_micros(200)
         } else {
-            Duration::from_millis(5)
+            Duration::from_millis(1)
         };
         if self.session.is_none() {
             std::thread::sleep(wait);
