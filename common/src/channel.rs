@@ -102,6 +102,12 @@ impl Sock {
             Sock::Tcp(s) => s.set_read_timeout(t),
         }
     }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_nonblocking(on),
+            Sock::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
     fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Sock::Unix(s) => s.set_write_timeout(t),
@@ -109,6 +115,11 @@ impl Sock {
         }
     }
 }
+
+/// Waits shorter than this are polled (see [`Conn::recv`]).
+const SHORT_WAIT: Duration = Duration::from_millis(20);
+/// The polling step of a short wait.
+const POLL_STEP: Duration = Duration::from_micros(200);
 
 /// One end of a control channel.
 pub struct Conn {
@@ -164,15 +175,43 @@ impl Conn {
         &mut self,
         timeout: Option<Duration>,
     ) -> Result<Option<T>, ChannelError> {
+        // The kernel counts socket timeouts in jiffies (10 ms with HZ=100):
+        // short waits are polled instead, with precise sleeps, or every IKE
+        // round trip through the punt and inject path would take 10 ms a hop.
+        let deadline = timeout
+            .filter(|t| *t < SHORT_WAIT)
+            .map(|t| std::time::Instant::now() + t);
         loop {
             if let Some(frame) = self.take_frame()? {
                 return serde_json::from_slice(&frame)
                     .map(Some)
                     .map_err(|e| ChannelError::Decode(e.to_string()));
             }
-            self.sock.set_read_timeout(timeout)?;
             let mut chunk = [0u8; 16 * 1024];
-            match self.stream.read(&mut chunk) {
+            let got = match deadline {
+                Some(deadline) => {
+                    self.sock.set_nonblocking(true)?;
+                    let r = self.stream.read(&mut chunk);
+                    self.sock.set_nonblocking(false)?;
+                    match r {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            let left =
+                                deadline.saturating_duration_since(std::time::Instant::now());
+                            if left.is_zero() {
+                                return Ok(None);
+                            }
+                            std::thread::sleep(left.min(POLL_STEP));
+                            continue;
+                        }
+                        r => r,
+                    }
+                }
+                None => {
+                    self.sock.set_read_timeout(timeout)?;
+                    self.stream.read(&mut chunk)
+                }
+            };
+            match got {
                 Ok(0) => return Err(ChannelError::Closed),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e)
