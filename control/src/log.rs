@@ -14,11 +14,21 @@ pub fn debug_enabled() -> bool {
     DEBUG.load(Ordering::Relaxed)
 }
 
+/// Writes one whole line with one write: stderr is unbuffered, and
+/// `eprintln!` writes each formatted piece on its own (dozens of system calls
+/// a line, and lines of several threads could interleave).
+pub fn line(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut s = format!("bitw-control: {text}");
+    s.push('\n');
+    let _ = std::io::stderr().lock().write_all(s.as_bytes());
+}
+
 /// Logs one line.
 #[macro_export]
 macro_rules! info {
     ($($arg:tt)*) => {
-        eprintln!("bitw-control: {}", format_args!($($arg)*))
+        $crate::log::line(format_args!($($arg)*))
     };
 }
 
@@ -27,7 +37,7 @@ macro_rules! info {
 macro_rules! debug {
     ($($arg:tt)*) => {
         if $crate::log::debug_enabled() {
-            eprintln!("bitw-control: debug: {}", format_args!($($arg)*))
+            $crate::log::line(format_args!("debug: {}", format_args!($($arg)*)))
         }
     };
 }
