@@ -509,18 +509,23 @@ impl Proxy {
                 ),
             );
         };
-        if self.half_open.len() >= MAX_HALF_OPEN {
+        // Responders that answered IKE_SA_INIT and wait for IKE_AUTH.
+        let half_open = self
+            .ikes
+            .values()
+            .filter(|k| !k.initiator && k.established.is_none())
+            .count();
+        if half_open >= MAX_HALF_OPEN {
             return self.reject(
                 "half_open_full",
                 format!("IKE_SA_INIT from {src}: {MAX_HALF_OPEN} half-open IKE SAs already"),
             );
         }
-        if self.half_open.len() >= COOKIE_THRESHOLD {
+        if half_open >= COOKIE_THRESHOLD {
             if let Err(reply) = self.cookies.check(now, &datagram) {
                 self.stats.cookies_sent += 1;
                 debug!(
-                    "IKE_SA_INIT from {src}: {} half-open IKE SAs, answered with a COOKIE",
-                    self.half_open.len()
+                    "IKE_SA_INIT from {src}: {half_open} half-open IKE SAs, answered with a COOKIE"
                 );
                 return self.transmit(&reply);
             }
@@ -877,8 +882,10 @@ impl Proxy {
         for r in &now_routes {
             self.routes.insert(*r, id);
         }
-        // A responder that answered is routed by its SPI pair from now on.
-        if now_routes.iter().any(|(_, r)| *r != 0) {
+        // A responder stays in `half_open` until IKE_AUTH: a repeated
+        // IKE_SA_INIT (our answer was lost) still carries SPIr 0 and must
+        // reach it, to be answered again from its cache.
+        if ike.established.is_some() {
             self.half_open.retain(|_, v| *v != id);
         }
         ike.routes = now_routes;

@@ -196,3 +196,79 @@ fn hostile_datagrams_are_counted_not_answered() {
     assert_eq!(proxy.stats.rejected.get("no_connection"), Some(&1));
     let _ = std::fs::remove_file(psk);
 }
+
+#[test]
+fn half_open_pile_up_asks_for_cookies_and_a_returning_initiator_gets_in() {
+    let psk = psk_file();
+    let ours = config(T, C, &psk);
+    let theirs = config(C, T, &psk);
+    let mut proxy = Proxy::new(&ours).unwrap();
+    let now = Instant::now();
+    let peer_cfg = engine_config(&theirs, 0, &theirs.connections[0]).unwrap();
+    let start = |proxy: &mut Proxy| {
+        let mut peer = IkeSa::initiate(
+            now,
+            peer_cfg.clone(),
+            "data",
+            format!("{C}:500").parse().unwrap(),
+            format!("{T}:500").parse().unwrap(),
+            Box::new(OsRng),
+            Box::new(RandomSpis(OsRng)),
+        );
+        let d = peer.poll_transmit().unwrap();
+        proxy.punt(now, &punt(&d));
+        peer
+    };
+    // A repeated IKE_SA_INIT (our answer lost) is answered again by the
+    // same responder, not by a second one.
+    let mut first = IkeSa::initiate(
+        now,
+        peer_cfg.clone(),
+        "data",
+        format!("{C}:500").parse().unwrap(),
+        format!("{T}:500").parse().unwrap(),
+        Box::new(OsRng),
+        Box::new(RandomSpis(OsRng)),
+    );
+    let init = first.poll_transmit().unwrap();
+    proxy.punt(now, &punt(&init));
+    proxy.punt(now, &punt(&init));
+    let answers: Vec<Vec<u8>> = std::iter::from_fn(|| proxy.poll_action())
+        .map(|a| match a {
+            Action::Inject { packet, .. } => datagram_of(&packet).payload,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(answers.len(), 2);
+    assert_eq!(answers[0], answers[1], "the same answer, from the cache");
+    assert_eq!(proxy.counts().connecting, 1);
+    // Half-open SAs up to the threshold are answered without a cookie.
+    for _ in 1..super::COOKIE_THRESHOLD {
+        start(&mut proxy);
+        let answers: Vec<Action> = std::iter::from_fn(|| proxy.poll_action()).collect();
+        assert_eq!(answers.len(), 1);
+    }
+    assert_eq!(proxy.stats.cookies_sent, 0);
+    // The next one is asked for a cookie (no state kept for it) ...
+    let mut peer = start(&mut proxy);
+    let Some(Action::Inject { packet, .. }) = proxy.poll_action() else {
+        panic!("no answer");
+    };
+    assert_eq!(proxy.stats.cookies_sent, 1);
+    assert_eq!(proxy.counts().connecting, super::COOKIE_THRESHOLD);
+    // ... and, coming back with it, is answered properly.
+    peer.handle(now, datagram_of(&packet));
+    let retry = peer
+        .poll_transmit()
+        .expect("the initiator repeats with the cookie");
+    proxy.punt(now, &punt(&retry));
+    let Some(Action::Inject { packet, .. }) = proxy.poll_action() else {
+        panic!("no answer to the cookie");
+    };
+    assert_eq!(proxy.stats.cookies_sent, 1);
+    assert_eq!(proxy.counts().connecting, super::COOKIE_THRESHOLD + 1);
+    peer.handle(now, datagram_of(&packet));
+    // The IKE_SA_INIT answer moved the initiator on to IKE_AUTH.
+    assert!(peer.poll_transmit().is_some());
+    let _ = std::fs::remove_file(psk);
+}
