@@ -2,10 +2,13 @@
 # Sets up the machine, builds bitw and runs the demo on virtual ports:
 #  1. the demo captures once through the dataplane alone: counters as JSON and
 #     what came out of each port;
-#  2. the appliance live: bitw-dataplane with traffic flowing for ever
+#  2. IKE as the terminal: in network namespaces, a terminal without IPsec
+#     pings a strongSwan counterpart through bitw, which negotiates IKEv2 as the
+#     terminal and sends the pings in ESP (scripts/demo_ike.py);
+#  3. the appliance live: bitw-dataplane with traffic flowing for ever
 #     (configs/demo-live.toml), bitw-control pushing the tables and exporting
 #     metrics, bitwctl reading its state, the exporter scraped.
-# BITW_DEMO_SECONDS (default 10) is how long part 2 runs; 0 = until Ctrl-C
+# BITW_DEMO_SECONDS (default 10) is how long part 3 runs; 0 = until Ctrl-C
 # (then point Prometheus at it: prometheus --config.file=configs/prometheus.yml).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -24,7 +27,10 @@ for side in inside outside; do
   tshark -r "/tmp/bitw-$side-tx.pcap" 2>/dev/null || true
 done
 
-echo "== 2. the appliance live: dataplane + control, traffic flowing"
+echo "== 2. IKE as the terminal, against strongSwan"
+/usr/bin/python3 scripts/demo_ike.py
+
+echo "== 3. the appliance live: dataplane + control, traffic flowing"
 LIVE=configs/demo-live.toml
 BITWCTL=(target/release/bitwctl --config "$LIVE")
 pids=()
