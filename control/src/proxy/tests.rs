@@ -272,3 +272,31 @@ fn half_open_pile_up_asks_for_cookies_and_a_returning_initiator_gets_in() {
     assert!(peer.poll_transmit().is_some());
     let _ = std::fs::remove_file(psk);
 }
+
+#[test]
+fn default_proposals_parse_and_bad_ones_name_the_line() {
+    let psk = psk_file();
+    let base = format!(
+        "[ports.inside]\ndevice = \"net_null0\"\n[ports.outside]\ndevice = \"net_null1\"\n\n\
+         [[terminal]]\nname = \"meter\"\naddress = \"{T}\"\n\n\
+         [[connection]]\nname = \"meter-hq\"\nterminal = \"meter\"\nremote_addrs = [\"{C}\"]\n\
+         auth = \"psk\"\npsk_file = \"{}\"\n\n[[connection.children]]\nname = \"data\"\n",
+        psk.display()
+    );
+    // strongSwan-like defaults: AEAD and CBC/HMAC, every group; every AEAD for ESP
+    let c = Config::parse(Path::new("d.toml"), &base).unwrap();
+    assert!(super::check(&c).is_ok());
+    let bad = base.replace(
+        "name = \"data\"\n",
+        "name = \"data\"\nesp_proposals = [\"aes128-sha256\"]\n",
+    );
+    let c = Config::parse(Path::new("d.toml"), &bad).unwrap();
+    let e = super::check(&c).unwrap_err();
+    assert_eq!(
+        e.field.as_deref(),
+        Some("connection[0].children[0].esp_proposals")
+    );
+    assert_eq!(e.line, Some(19), "{e}");
+    assert!(e.message.contains("AEAD ciphers only"), "{e}");
+    let _ = std::fs::remove_file(psk);
+}
