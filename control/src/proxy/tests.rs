@@ -18,8 +18,9 @@ use crate::ike::sa::{Datagram, IkeEvent, IkeSa, RandomSpis};
 const T: &str = "10.99.0.1";
 const C: &str = "10.99.0.2";
 
-fn psk_file() -> PathBuf {
-    let p = std::env::temp_dir().join(format!("bitw-proxy-test-{}.psk", std::process::id()));
+/// A PSK file of its own for each test (they run in parallel).
+fn psk_file(test: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("bitw-proxy-{test}-{}.psk", std::process::id()));
     std::fs::write(&p, "proxy unit test pre-shared key").unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
@@ -73,7 +74,7 @@ fn punt(d: &Datagram) -> Punt {
 
 #[test]
 fn answers_as_the_terminal_and_holds_its_answer_until_the_sa_is_installed() {
-    let psk = psk_file();
+    let psk = psk_file("answer");
     let ours = config(T, C, &psk);
     let theirs = config(C, T, &psk);
     let mut proxy = Proxy::new(&ours).unwrap();
@@ -171,7 +172,7 @@ fn answers_as_the_terminal_and_holds_its_answer_until_the_sa_is_installed() {
 
 #[test]
 fn hostile_datagrams_are_counted_not_answered() {
-    let psk = psk_file();
+    let psk = psk_file("hostile");
     let mut proxy = Proxy::new(&config(T, C, &psk)).unwrap();
     let now = Instant::now();
     let d = |src: &str, payload: Vec<u8>| Datagram {
@@ -199,7 +200,7 @@ fn hostile_datagrams_are_counted_not_answered() {
 
 #[test]
 fn half_open_pile_up_asks_for_cookies_and_a_returning_initiator_gets_in() {
-    let psk = psk_file();
+    let psk = psk_file("cookies");
     let ours = config(T, C, &psk);
     let theirs = config(C, T, &psk);
     let mut proxy = Proxy::new(&ours).unwrap();
@@ -275,7 +276,7 @@ fn half_open_pile_up_asks_for_cookies_and_a_returning_initiator_gets_in() {
 
 #[test]
 fn default_proposals_parse_and_bad_ones_name_the_line() {
-    let psk = psk_file();
+    let psk = psk_file("defaults");
     let base = format!(
         "[ports.inside]\ndevice = \"net_null0\"\n[ports.outside]\ndevice = \"net_null1\"\n\n\
          [[terminal]]\nname = \"meter\"\naddress = \"{T}\"\n\n\
