@@ -1158,6 +1158,20 @@ impl Proxy {
             Some(old) if !child.initiated => (vec![inb], Some((old, Box::new(out)))),
             _ => (vec![inb, out], None),
         };
+        // Simultaneous rekeys (RFC 7296 §2.8.1): ours won, so a rekey of the
+        // same old SA the peer started lost; the peer deletes it, and its
+        // outbound SA must not take over when the old SA goes.
+        if let (Some(old), true) = (child.rekeys, child.initiated) {
+            for rec in ike.children.values_mut() {
+                if rec.successor_of.as_ref().is_some_and(|(o, _)| *o == old) {
+                    debug!(
+                        "IKE SA #{id}: Child SA {:08x}_i lost simultaneous rekeys to {:08x}_i",
+                        rec.inbound_spi, child.inbound_spi
+                    );
+                    rec.successor_of = None;
+                }
+            }
+        }
         ike.children.insert(
             child.inbound_spi,
             ChildRec {
