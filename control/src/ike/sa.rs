@@ -78,6 +78,7 @@ use rand_core::CryptoRngCore;
 use crate::ike::auth;
 use crate::ike::crypto::{self, ChildSaKeyLengths, EspKeys, IkeSaKeys, IvSource, SkCipher};
 use crate::ike::dh::{self, KeyPair};
+use crate::ike::dn;
 use crate::ike::message::{
     decode_payload_chain, nat_detection_hash, AddressRange, AuthMethod, AuthPayload, CertPayload,
     DeletePayload, ExchangeType, Header, IdPayload, IdType, KePayload, Message, MessageView,
@@ -109,7 +110,9 @@ const MAX_COOKIE_ROUNDS: u8 = 2;
 // ------------------------------------------------------------------ config
 
 /// An identity (RFC 7296 §3.5): what we send as IDi/IDr and what the peer's
-/// must be. Compared by type and data exactly.
+/// must be. [`Identity::matches`] compares by type and data exactly, except
+/// distinguished names, which are compared by meaning ([`super::dn`]).
+/// `==` compares the bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Identity {
     Ipv4(Ipv4Addr),
@@ -159,9 +162,14 @@ impl Identity {
         })
     }
 
-    /// Whether the peer's ID payload names this identity.
+    /// Whether the peer's ID payload names this identity: DNs by meaning
+    /// ([`dn::equal`]: string types, case and insignificant spaces aside),
+    /// anything else byte for byte.
     pub fn matches(&self, id: &IdPayload) -> bool {
-        self.to_payload() == *id
+        match self {
+            Identity::DerDn(der) => id.id_type == IdType::DER_ASN1_DN && dn::equal(der, &id.data),
+            _ => self.to_payload() == *id,
+        }
     }
 }
 
