@@ -310,15 +310,24 @@ class CertCase:
         if kind == "dn":
             t_id = "dn:" + subject_der(self.t.cert).hex()
             c_id = "dn:" + subject_der(self.c.cert).hex()
-            # charon writes a DN given as text with its own string types
-            # (PrintableString), openssl's certificates have UTF8String: the
-            # engine compares IDs byte for byte, so charon gets the DER
-            self.charon_ids = {"local_id": None, "remote_id": "asn1dn:#" + t_id[3:]}
+            # charon gets both DNs as text, which it encodes with
+            # PrintableString, while openssl's certificates (and ike_peer's
+            # ids) have UTF8String: the engine compares DNs by meaning, so
+            # charon's IDi/IDr match its configured ids and its certificate
+            self.charon_ids = {"local_id": self.c.subject, "remote_id": self.t.subject}
+            # charon as initiator sends its IDi (and our IDr) as it encodes
+            # the text: with PrintableString; as responder, its
+            # certificate's subject
+            self.peer_seen = "dn:" + printable_dn(subject_der(self.c.cert)).hex()
         else:
             t_id, c_id = ("terminal.bitw.test", "counterpart.bitw.test") if kind == "fqdn" \
                 else ("terminal@bitw.test", "counterpart@bitw.test")
             self.charon_ids = {"local_id": c_id, "remote_id": t_id}
+            self.peer_seen = c_id
         self.peer_ids = {"local_id": t_id, "remote_id": c_id}
+        # what ike_peer reports as responder: its own id, and charon's IDi as
+        # charon sent it
+        self.peer_reports = {"local_id": t_id, "remote_id": self.peer_seen}
 
     def charon(self, topo, tmp_path):
         return counterpart_charon(topo, tmp_path, 4, ca=self.pki.ca_cert, auth="pubkey",
@@ -327,6 +336,22 @@ class CertCase:
     def peer(self, topo, tmp_path, role, cas=None, **kw):
         return Peer(topo, tmp_path, role, 4, cert=self.t, cas=cas or [self.pki.ca_cert],
                     **self.peer_ids, **kw)
+
+
+def printable_dn(der):
+    """A DER Name of single-attribute RDNs (short lengths) with its
+    UTF8String values as PrintableString: how charon encodes a DN it was
+    given as text (`C=CH, O=bitw test, CN=…`)."""
+    out = bytearray(der)
+    assert out[0] == 0x30 and out[1] < 0x80
+    rdn = 2
+    while rdn < len(out):
+        oid = rdn + 4  # SET { SEQUENCE { OID, value } }
+        value = oid + 2 + out[oid + 1]
+        if out[value] == 0x0C:
+            out[value] = 0x13
+        rdn += 2 + out[rdn + 1]
+    return bytes(out)
 
 
 SCHEMES = {"rsa": "RSA_EMSA_PKCS1_SHA2_256", "ecdsa": "ECDSA_WITH_SHA256_DER",
@@ -361,7 +386,7 @@ def test_certificates_charon_initiates_engine_responds(topo, tmp_path, key, kind
         cp.wait_established("c1", timeout=3)
         rc = peer.wait()
         assert rc == 0, f"ike_peer exited {rc}\n{peer.describe()}\n{cp.describe()}"
-        check_established(peer, cp, topo, 4, we_initiated=False, **case.peer_ids)
+        check_established(peer, cp, topo, 4, we_initiated=False, **case.peer_reports)
         check_charon_saw(cp, case, key, kind)
     finally:
         peer.stop()

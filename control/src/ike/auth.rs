@@ -22,9 +22,10 @@
 //! - checks the peer: its first CERT (with the others as intermediates)
 //!   chains to one of our CAs at the current time, the certificate names the
 //!   peer's ID payload (an address in an iPAddress SAN, an FQDN in a dNSName
-//!   SAN, an e-mail address in an rfc822Name SAN, a DN equal to the subject,
-//!   byte for byte), and the AUTH signature verifies with the certificate's
-//!   key. Extended key usages are not enforced (as strongSwan does not).
+//!   SAN, an e-mail address in an rfc822Name SAN, a DN that is the subject
+//!   by meaning: [`super::dn`]), and the AUTH signature verifies with the
+//!   certificate's key. Extended key usages are not enforced (as strongSwan
+//!   does not).
 //!
 //! The chain is checked against `SystemTime::now()` unless
 //! [`PubkeyAuth::at_time`] pins the time: a date is the one input the engine
@@ -651,7 +652,7 @@ fn names(cert: &Certificate, id: &IdPayload) -> bool {
             .tbs_certificate
             .subject
             .to_der()
-            .is_ok_and(|dn| dn == id.data);
+            .is_ok_and(|subject| crate::ike::dn::equal(&subject, &id.data));
     }
     let sans = cert
         .tbs_certificate

@@ -199,6 +199,62 @@ fn every_identity_type_is_found_in_the_certificate() {
     }
 }
 
+/// A Name as charon writes a text DN: every UTF8String value as a
+/// PrintableString (single-attribute RDNs, short lengths).
+fn printable_strings(der: &[u8]) -> Vec<u8> {
+    let mut out = der.to_vec();
+    assert!(out[0] == 0x30 && out[1] < 0x80);
+    let mut rdn = 2;
+    while rdn < out.len() {
+        // SET { SEQUENCE { OID, value } }
+        let oid = rdn + 4;
+        let value = oid + 2 + usize::from(out[oid + 1]);
+        if out[value] == 0x0c {
+            out[value] = 0x13;
+        }
+        rdn += 2 + usize::from(out[rdn + 1]);
+    }
+    out
+}
+
+#[test]
+fn a_dn_matches_the_subject_and_the_config_whatever_its_string_types() {
+    let (left, right) = (
+        load("left-p256", &["ca-p256"]),
+        load("right-p256", &["ca-p256"]),
+    );
+    let (left_dn, right_dn) = (left.subject_der().to_vec(), right.subject_der().to_vec());
+    let (left_text, right_text) = (printable_strings(&left_dn), printable_strings(&right_dn));
+    assert_ne!(left_dn, left_text);
+    // Each side sends its DN with PrintableStrings (as charon does for a
+    // text DN): the certificate's UTF8String subject names it, and the
+    // other side's configured remote_id (the subject as it is) matches it.
+    let (mut ic, mut rc) = cert_configs(
+        Auth::Pubkey(Arc::new(left)),
+        Identity::DerDn(left_text.clone()),
+        Auth::Pubkey(Arc::new(right)),
+        Identity::DerDn(right_text.clone()),
+    );
+    rc.remote_id = Identity::DerDn(left_dn.clone());
+    ic.remote_id = Identity::DerDn(right_dn.clone());
+    let mut p = Pair::new(ic, rc);
+    p.pump();
+    assert_established(&p);
+    // The peer's identity is reported as it sent it.
+    assert!(p.r_events.iter().any(|e| matches!(
+        e,
+        IkeEvent::IkeSaEstablished { remote_id: Identity::DerDn(d), .. } if *d == left_text
+    )));
+    // Another DN in text form still does not match.
+    let p = run(
+        pubkey("left-p256", &["ca-p256"]),
+        Identity::DerDn(right_text),
+        pubkey("right-p256", &["ca-p256"]),
+        Identity::DerDn(right_dn),
+    );
+    assert_eq!(failed(&p.r_events), Some("id_mismatch"));
+}
+
 #[test]
 fn intermediate_sent_with_the_certificate_is_used() {
     let p = run(

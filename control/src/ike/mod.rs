@@ -12,6 +12,7 @@
 //! - [`crypto`]: PRFs, prf+, SKEYSEED and the key schedule, KEYMAT, the SK
 //!   payload's encryption and integrity, AUTH for PSKs.
 //! - [`dh`]: Diffie-Hellman groups 14, 19, 20 and 31.
+//! - [`dn`]: distinguished names compared by meaning (RFC 5280 §7.1).
 //! - [`auth`]: PSKs and X.509 certificates (RSA, ECDSA; RFC 7427 signatures).
 //! - [`cookie`]: a responder's stateless cookies (RFC 7296 §2.6).
 //! - [`sa`]: one IKE SA as a state machine: IKE_SA_INIT, IKE_AUTH (PSK or
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod cookie;
 pub mod crypto;
 pub mod dh;
+pub mod dn;
 pub mod message;
 pub mod proposal;
 pub mod sa;

@@ -48,9 +48,19 @@
 //! it, the other new SA stays and its creator deletes the old one. If the
 //! peer's exchange completes and it deletes the old SA before answering
 //! ours, its new SA stays and ours is dropped; a request to rekey an SA
-//! that was already rekeyed gets TEMPORARY_FAILURE (§2.25.2). Simultaneous
-//! Child SA rekeys are not resolved: both new SAs stay (both work) and both
-//! old ones go.
+//! that was already rekeyed gets TEMPORARY_FAILURE (§2.25.2).
+//!
+//! Simultaneous Child SA rekeys (§2.8.1) go the same way: a peer's rekey of
+//! the SA our outstanding rekey replaces is answered (and its new SA
+//! reported, `initiated: false`), and when ours is answered the exchange
+//! with the lowest of the four nonces loses. If ours lost, we delete our new
+//! SA at once and never report it (the peer deletes the old SA, which moves
+//! our outbound traffic to its new SA); if ours won, our new SA is reported
+//! (`initiated: true`) and we delete the old one, and the peer deletes its
+//! redundant new SA ([`IkeEvent::ChildSaDeleted`] here). A peer's REKEY_SA
+//! for an SA a rekey replaced already, or that we are deleting, gets
+//! TEMPORARY_FAILURE (§2.25.1): when the peer's request comes after our
+//! rekey of that SA completed, ours stays and the peer's fails.
 //!
 //! Nothing a peer sends can make the engine panic: every datagram is checked
 //! by the message decoder, SK payloads are opened before their content is
@@ -68,6 +78,7 @@ use rand_core::CryptoRngCore;
 use crate::ike::auth;
 use crate::ike::crypto::{self, ChildSaKeyLengths, EspKeys, IkeSaKeys, IvSource, SkCipher};
 use crate::ike::dh::{self, KeyPair};
+use crate::ike::dn;
 use crate::ike::message::{
     decode_payload_chain, nat_detection_hash, AddressRange, AuthMethod, AuthPayload, CertPayload,
     DeletePayload, ExchangeType, Header, IdPayload, IdType, KePayload, Message, MessageView,
@@ -99,7 +110,9 @@ const MAX_COOKIE_ROUNDS: u8 = 2;
 // ------------------------------------------------------------------ config
 
 /// An identity (RFC 7296 §3.5): what we send as IDi/IDr and what the peer's
-/// must be. Compared by type and data exactly.
+/// must be. [`Identity::matches`] compares by type and data exactly, except
+/// distinguished names, which are compared by meaning ([`super::dn`]).
+/// `==` compares the bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Identity {
     Ipv4(Ipv4Addr),
@@ -149,9 +162,14 @@ impl Identity {
         })
     }
 
-    /// Whether the peer's ID payload names this identity.
+    /// Whether the peer's ID payload names this identity: DNs by meaning
+    /// ([`dn::equal`]: string types, case and insignificant spaces aside),
+    /// anything else byte for byte.
     pub fn matches(&self, id: &IdPayload) -> bool {
-        self.to_payload() == *id
+        match self {
+            Identity::DerDn(der) => id.id_type == IdType::DER_ASN1_DN && dn::equal(der, &id.data),
+            _ => self.to_payload() == *id,
+        }
     }
 }
 
@@ -366,6 +384,9 @@ pub struct ChildSaEstablished {
     /// says when to move outbound traffic to the new SA (make-before-break):
     /// at once when we initiated (the peer installed the new inbound SA
     /// before it answered), after the old SA's Delete when the peer did.
+    /// After simultaneous rekeys, a rekey we initiated supersedes the
+    /// peer's of the same old SA reported before it (that one lost and the
+    /// peer deletes it): its outbound SA must never be used.
     pub initiated: bool,
     /// Keys of packets the peer sends us (key then salt).
     pub inbound_keys: EspKeys,
@@ -447,6 +468,9 @@ pub struct Stats {
     /// Our IKE SA rekeys that were refused or could not be sent (each is
     /// tried again later).
     pub ike_rekeys_failed: u64,
+    /// Our Child SA rekeys that lost to a simultaneous rekey of the peer's
+    /// (RFC 7296 §2.8.1): their new SAs were deleted at once.
+    pub child_rekeys_redundant: u64,
 }
 
 impl Stats {
@@ -565,6 +589,13 @@ struct ChildSa {
     rekey_at: Option<Instant>,
     /// When we delete it if it is still there.
     expire_at: Option<Instant>,
+    /// A rekey (ours or the peer's) replaced it: it waits for its Delete,
+    /// is not rekeyed again, and a peer's REKEY_SA for it gets
+    /// TEMPORARY_FAILURE (RFC 7296 §2.25.1).
+    replaced: bool,
+    /// Our new SA that lost simultaneous rekeys (RFC 7296 §2.8.1): never
+    /// reported, kept only until its Delete is answered.
+    redundant: bool,
 }
 
 /// Our CREATE_CHILD_SA request for a new or rekeyed Child SA, until
@@ -596,6 +627,16 @@ struct IkeRekey {
 /// ours is answered.
 struct PeerRekey {
     generation: Generation,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+}
+
+/// The peer's rekey of a Child SA that we answered while our own rekey of
+/// it was outstanding (RFC 7296 §2.8.1): which new SA stays is decided when
+/// ours is answered.
+struct PeerChildRekey {
+    /// The old SA's inbound SPI.
+    old: u32,
     ni: Vec<u8>,
     nr: Vec<u8>,
 }
@@ -707,6 +748,9 @@ pub struct IkeSa {
     ike_rekey: Option<IkeRekey>,
     /// The peer's IKE SA rekey answered while ours was in flight.
     peer_rekey: Option<PeerRekey>,
+    /// The peer's rekey of the Child SA our `child_exchange` rekeys,
+    /// answered while ours was in flight.
+    peer_child_rekey: Option<PeerChildRekey>,
     /// Responder: when the half-open SA is dropped without IKE_AUTH.
     half_open_deadline: Option<Instant>,
     children: Vec<ChildSa>,
@@ -808,6 +852,7 @@ impl IkeSa {
             child_exchange: None,
             ike_rekey: None,
             peer_rekey: None,
+            peer_child_rekey: None,
             half_open_deadline: None,
             children: Vec::new(),
             queue: VecDeque::new(),
@@ -995,14 +1040,17 @@ impl IkeSa {
     /// [`IkeEvent::ChildSaEstablished`] with `rekeys` set, and the engine
     /// then deletes the old one itself (a [`delete_child`](IkeSa::delete_child)
     /// of it by the caller is harmless); a refusal comes as
-    /// [`IkeEvent::ChildSaFailed`] and the old SA stays. Queued behind an
+    /// [`IkeEvent::ChildSaFailed`] and the old SA stays. If the peer rekeys
+    /// the same SA at once and its rekey wins (see the module
+    /// documentation), ours ends without an event of its own: the peer's new
+    /// SA is the successor. Queued behind an
     /// outstanding request; `false` when the SA is not established or there
-    /// is no such Child SA.
+    /// is no such Child SA (or a rekey replaced it already).
     pub fn rekey_child(&mut self, now: Instant, inbound_spi: u32) -> bool {
         let Some(child) = self
             .children
             .iter_mut()
-            .find(|c| c.inbound_spi == inbound_spi)
+            .find(|c| c.inbound_spi == inbound_spi && !c.replaced)
         else {
             return false;
         };
@@ -1113,10 +1161,11 @@ impl IkeSa {
                 }
             }
             Queued::RekeyChild { inbound_spi } => {
+                // A rekey of the peer's may have replaced it meanwhile.
                 let Some(old) = self
                     .children
                     .iter()
-                    .find(|c| c.inbound_spi == inbound_spi)
+                    .find(|c| c.inbound_spi == inbound_spi && !c.replaced)
                     .cloned()
                 else {
                     return;
@@ -1281,6 +1330,7 @@ impl IkeSa {
     fn drop_old(&mut self, old: OldSa) {
         match old.generation.pending.map(|p| p.kind) {
             Some(RequestKind::CreateChild) => {
+                self.peer_child_rekey = None;
                 if let Some(exchange) = self.child_exchange.take() {
                     self.child_failed(exchange.config, "ike_rekeyed");
                 }
@@ -1830,7 +1880,7 @@ impl IkeSa {
             .seal(header.response(), &reply)
             .map_err(|_| reject("internal"))?;
         self.respond(dg, header.message_id, response);
-        for child in deleted {
+        for child in deleted.into_iter().filter(|c| !c.redundant) {
             self.events.push_back(IkeEvent::ChildSaDeleted {
                 name: child.name,
                 inbound_spi: child.inbound_spi,
@@ -1902,7 +1952,7 @@ impl IkeSa {
             return self.handle_ike_rekey_request(now, dg, &header, &payloads);
         }
         let (reply, child) = match self.accept_create_child(&payloads) {
-            Ok((reply, config, child)) => (reply, Some((config, child))),
+            Ok((reply, config, child, nr)) => (reply, Some((config, child, nr))),
             Err((notify, f)) => {
                 *self.stats.errors_sent.entry(f.reason).or_insert(0) += 1;
                 (vec![Payload::Notify(notify)], None)
@@ -1912,10 +1962,38 @@ impl IkeSa {
             .seal(header.response(), &reply)
             .map_err(|_| reject("internal"))?;
         self.respond(dg, header.message_id, response);
-        if let Some((config, child)) = child {
+        if let Some((config, child, nr)) = child {
+            // Simultaneous rekeys (RFC 7296 §2.8.1): the peer rekeys the SA
+            // our outstanding request rekeys; which new SA stays is decided
+            // when ours is answered.
+            if let Some(old) = child.rekeys.filter(|old| {
+                self.child_exchange
+                    .as_ref()
+                    .is_some_and(|e| e.rekeys == Some(*old))
+            }) {
+                self.peer_child_rekey = Some(PeerChildRekey {
+                    old,
+                    ni: payloads.nonce().map(<[u8]>::to_vec).unwrap_or_default(),
+                    nr,
+                });
+            }
             self.install_child(now, config, child);
         }
         Ok(())
+    }
+
+    /// Whether a Delete of our Child SA `inbound_spi` is outstanding or
+    /// queued.
+    fn deleting_child(&self, inbound_spi: u32) -> bool {
+        let delete = RequestKind::DeleteChild { inbound_spi };
+        self.cur.pending.as_ref().is_some_and(|p| p.kind == delete)
+            || self.olds.iter().any(|o| {
+                o.generation
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.kind == delete)
+            })
+            || self.queue.contains(&Queued::DeleteChild { inbound_spi })
     }
 
     /// The Child SA of a CREATE_CHILD_SA request and the response payloads,
@@ -1924,7 +2002,7 @@ impl IkeSa {
     fn accept_create_child(
         &mut self,
         payloads: &[Payload],
-    ) -> Result<(Vec<Payload>, usize, ChildSaEstablished), (NotifyPayload, Failure)> {
+    ) -> Result<(Vec<Payload>, usize, ChildSaEstablished, Vec<u8>), (NotifyPayload, Failure)> {
         let error = |t: NotifyType, reason: &'static str, detail: &str| {
             (NotifyPayload::new(t, vec![]), failure(reason, detail))
         };
@@ -1951,9 +2029,20 @@ impl IkeSa {
             Some(n) => {
                 let old = n
                     .spi_u32()
-                    .and_then(|spi| self.children.iter().find(|c| c.outbound_spi == spi))
-                    .map(|c| (c.inbound_spi, c.config));
-                match old {
+                    .and_then(|spi| self.children.iter().find(|c| c.outbound_spi == spi));
+                // RFC 7296 §2.25.1: an SA a rekey replaced, or that we are
+                // deleting, is not rekeyed (the peer's rekey collided with
+                // ours and ours completed first, or with our Delete).
+                if let Some(old) = old {
+                    if old.replaced || self.deleting_child(old.inbound_spi) {
+                        return Err(error(
+                            NotifyType::TEMPORARY_FAILURE,
+                            "temporary_failure",
+                            "the Child SA is being rekeyed or deleted",
+                        ));
+                    }
+                }
+                match old.map(|c| (c.inbound_spi, c.config)) {
                     Some(old) => Some(old),
                     None => {
                         let mut notify = NotifyPayload::new(NotifyType::CHILD_SA_NOT_FOUND, vec![]);
@@ -2074,11 +2163,11 @@ impl IkeSa {
         reply.push(Payload::Sa(
             agreed.reply(inbound_spi.to_be_bytes().to_vec()),
         ));
-        reply.push(Payload::Nonce(nr));
+        reply.push(Payload::Nonce(nr.clone()));
         reply.extend(our_ke.map(Payload::Ke));
         reply.push(Payload::TsI(ts_payload(&ts_i)));
         reply.push(Payload::TsR(ts_payload(&ts_r)));
-        Ok((reply, config, child))
+        Ok((reply, config, child, nr))
     }
 
     /// A CREATE_CHILD_SA request rekeying the IKE SA (RFC 7296 §1.3.2):
@@ -2553,11 +2642,13 @@ impl IkeSa {
                     .position(|c| c.inbound_spi == inbound_spi)
                 {
                     let child = self.children.remove(pos);
-                    self.events.push_back(IkeEvent::ChildSaDeleted {
-                        name: child.name,
-                        inbound_spi: child.inbound_spi,
-                        outbound_spi: child.outbound_spi,
-                    });
+                    if !child.redundant {
+                        self.events.push_back(IkeEvent::ChildSaDeleted {
+                            name: child.name,
+                            inbound_spi: child.inbound_spi,
+                            outbound_spi: child.outbound_spi,
+                        });
+                    }
                 }
             }
             _ => {}
@@ -2586,10 +2677,15 @@ impl IkeSa {
                     .is_some_and(|c| c.esp_proposals.iter().any(|p| p.dh.contains(g)))
             });
         if let Some(group) = wanted {
-            // RFC 7296 §1.3: the same request again with the wanted group.
+            // RFC 7296 §1.3: the same request again with the wanted group
+            // (not for an SA that a rekey of the peer's replaced meanwhile).
             let old = exchange
                 .rekeys
-                .and_then(|spi| self.children.iter().find(|c| c.inbound_spi == spi))
+                .and_then(|spi| {
+                    self.children
+                        .iter()
+                        .find(|c| c.inbound_spi == spi && !c.replaced)
+                })
                 .cloned();
             if exchange.rekeys.is_none() || old.is_some() {
                 match self.send_create_child(now, exchange.config, old.as_ref(), Some(group)) {
@@ -2601,25 +2697,64 @@ impl IkeSa {
                 }
             }
         }
+        // The peer's rekey of the same SA that we answered meanwhile.
+        let theirs = self
+            .peer_child_rekey
+            .take()
+            .filter(|t| exchange.rekeys == Some(t.old));
         match self.child_from_create_response(&payloads, &exchange) {
             Ok(child) => {
-                self.install_child(now, exchange.config, child);
-                if let Some(old) = exchange.rekeys {
-                    self.enqueue(Queued::DeleteChild { inbound_spi: old });
+                let nr = payloads.nonce().unwrap_or_default();
+                let ours_lose = theirs.as_ref().is_some_and(|t| {
+                    let lowest_ours = exchange.ni.as_slice().min(nr);
+                    let lowest_theirs = t.ni.as_slice().min(t.nr.as_slice());
+                    lowest_ours < lowest_theirs
+                });
+                if ours_lose {
+                    self.redundant_child(exchange.config, &child);
+                } else {
+                    self.install_child(now, exchange.config, child);
+                    // RFC 7296 §2.8: the rekey's initiator deletes the old
+                    // SA (if the peer's rekey lost, the peer deletes its
+                    // new SA).
+                    if let Some(old) = exchange.rekeys {
+                        self.enqueue(Queued::DeleteChild { inbound_spi: old });
+                    }
                 }
             }
             Err(f) => {
                 self.child_failed(exchange.config, f.reason);
-                // A failed rekey is tried again later, while the SA lives.
+                // A failed rekey is tried again later, while the SA lives
+                // and no rekey of the peer's replaced it.
                 if let Some(old) = exchange.rekeys {
                     let retry = self.jittered(now, REKEY_RETRY);
-                    if let Some(c) = self.children.iter_mut().find(|c| c.inbound_spi == old) {
+                    if let Some(c) = self
+                        .children
+                        .iter_mut()
+                        .find(|c| c.inbound_spi == old && !c.replaced)
+                    {
                         c.rekey_at = Some(retry);
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Our Child SA rekey lost to the peer's simultaneous one (RFC 7296
+    /// §2.8.1): the peer's new SA replaces the old one (the peer deletes
+    /// the old SA), and we delete our new SA at once. It is never reported:
+    /// nothing was installed for it here, and the peer moves its traffic to
+    /// the winner.
+    fn redundant_child(&mut self, config: usize, child: &ChildSaEstablished) {
+        self.stats.child_rekeys_redundant += 1;
+        let mut sa = remembered(config, child);
+        sa.replaced = true;
+        sa.redundant = true;
+        self.children.push(sa);
+        self.enqueue(Queued::DeleteChild {
+            inbound_spi: child.inbound_spi,
+        });
     }
 
     fn child_from_create_response(
@@ -3097,8 +3232,9 @@ impl IkeSa {
         }
     }
 
-    /// Remembers a new Child SA with its rekey and life timers; a rekeyed
-    /// one's predecessor is not rekeyed again (the new one is).
+    /// Remembers a new Child SA with its rekey and life timers, and reports
+    /// it; a rekeyed one's predecessor is replaced (not rekeyed again: the
+    /// new one is).
     fn install_child(&mut self, now: Instant, config: usize, child: ChildSaEstablished) {
         let (rekey_time, life_time) = self
             .config
@@ -3109,19 +3245,13 @@ impl IkeSa {
         if let Some(old) = child.rekeys {
             if let Some(c) = self.children.iter_mut().find(|c| c.inbound_spi == old) {
                 c.rekey_at = None;
+                c.replaced = true;
             }
         }
-        self.children.push(ChildSa {
-            name: child.name.clone(),
-            config,
-            inbound_spi: child.inbound_spi,
-            outbound_spi: child.outbound_spi,
-            mode: child.mode,
-            local_ts: child.local_ts.clone(),
-            remote_ts: child.remote_ts.clone(),
-            rekey_at,
-            expire_at: life_time.map(|t| later(now, t)),
-        });
+        let mut sa = remembered(config, &child);
+        sa.rekey_at = rekey_at;
+        sa.expire_at = life_time.map(|t| later(now, t));
+        self.children.push(sa);
         self.events.push_back(IkeEvent::ChildSaEstablished(child));
     }
 
@@ -3369,6 +3499,7 @@ impl IkeSa {
         self.cur.pending = None;
         self.olds.clear();
         self.peer_rekey = None;
+        self.peer_child_rekey = None;
         self.queue.clear();
         self.child_exchange = None;
         self.ike_rekey = None;
@@ -3377,8 +3508,23 @@ impl IkeSa {
 
 // ------------------------------------------------------------------ helpers
 
-/// `now + wait`, or `now` where the clock cannot represent it (never
-/// panics, unlike `Instant + Duration`).
+/// The Child SA as the IKE SA remembers it, without timers.
+fn remembered(config: usize, child: &ChildSaEstablished) -> ChildSa {
+    ChildSa {
+        name: child.name.clone(),
+        config,
+        inbound_spi: child.inbound_spi,
+        outbound_spi: child.outbound_spi,
+        mode: child.mode,
+        local_ts: child.local_ts.clone(),
+        remote_ts: child.remote_ts.clone(),
+        rekey_at: None,
+        expire_at: None,
+        replaced: false,
+        redundant: false,
+    }
+}
+
 /// The hash IDs of a SIGNATURE_HASH_ALGORITHMS notify, if there is one.
 fn signature_hashes(payloads: &[Payload]) -> Option<Vec<u16>> {
     payloads
@@ -3391,6 +3537,8 @@ fn signature_hashes(payloads: &[Payload]) -> Option<Vec<u16>> {
         })
 }
 
+/// `now + wait`, or `now` where the clock cannot represent it (never
+/// panics, unlike `Instant + Duration`).
 fn later(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or(now)
 }
@@ -3413,6 +3561,8 @@ fn notify_reason(notify: NotifyType) -> &'static str {
         NotifyType::TS_UNACCEPTABLE => "ts_unacceptable",
         NotifyType::INVALID_SYNTAX => "invalid_syntax",
         NotifyType::INVALID_KE_PAYLOAD => "invalid_ke_payload",
+        NotifyType::TEMPORARY_FAILURE => "temporary_failure",
+        NotifyType::CHILD_SA_NOT_FOUND => "child_sa_not_found",
         _ => "peer_error",
     }
 }

@@ -2022,5 +2022,330 @@ fn invalid_ke_payload_in_create_child_sa_is_followed_once() {
     assert_eq!(p.initiator.poll_timeout(), None);
 }
 
+// ------------------------------------------------------------------ simultaneous Child SA rekeys
+
+/// One side's dataplane as the proxy keeps it (`proxy::child_up` and
+/// `remove_child`): inbound SAs by SPI, one outbound SA replaced in place,
+/// and the peer's rekeys waiting for the old SA's deletion before their
+/// outbound SA takes over.
+#[derive(Default, Debug)]
+struct Dataplane {
+    inbound: std::collections::BTreeSet<u32>,
+    outbound: Option<u32>,
+    /// New inbound SPI -> (old inbound SPI, outbound SPI to take over).
+    successors: BTreeMap<u32, (u32, u32)>,
+}
+
+impl Dataplane {
+    fn apply(&mut self, event: &IkeEvent) {
+        match event {
+            IkeEvent::ChildSaEstablished(c) => {
+                assert!(self.inbound.insert(c.inbound_spi), "reported twice");
+                match c.rekeys {
+                    Some(old) if !c.initiated => {
+                        self.successors.insert(c.inbound_spi, (old, c.outbound_spi));
+                    }
+                    Some(old) => {
+                        self.outbound = Some(c.outbound_spi);
+                        self.successors.retain(|_, (o, _)| *o != old);
+                    }
+                    None => self.outbound = Some(c.outbound_spi),
+                }
+            }
+            IkeEvent::ChildSaDeleted { inbound_spi, .. } => {
+                assert!(self.inbound.remove(inbound_spi), "deleted, never reported");
+                self.successors.remove(inbound_spi);
+                let next: Vec<u32> = self
+                    .successors
+                    .iter()
+                    .filter(|(_, (old, _))| old == inbound_spi)
+                    .map(|(new, _)| *new)
+                    .collect();
+                assert!(next.len() <= 1, "two successors of {inbound_spi:x}");
+                if let Some((_, out)) = next.first().and_then(|n| self.successors.remove(n)) {
+                    self.outbound = Some(out);
+                } else if self.inbound.is_empty() {
+                    self.outbound = None;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What simultaneous Child SA rekeys ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum RekeyOutcome {
+    /// Both exchanges completed; the lowest nonce's initiator deleted its
+    /// new SA.
+    InitiatorLost,
+    ResponderLost,
+    /// One exchange completed before the other's request arrived, which
+    /// got TEMPORARY_FAILURE (or CHILD_SA_NOT_FOUND after the old SA's
+    /// Delete).
+    InitiatorRefused,
+    ResponderRefused,
+}
+
+/// Both ends rekey their only Child SA at once; the datagrams in flight are
+/// delivered in an order drawn from `order_seed` (crossing or not, a Delete
+/// before a response, ...), with nonces drawn from `nonce_seed`. After each
+/// delivery, each side's outbound SA must be installed on the other side
+/// (no gap). Returns the outcome; the pair is quiet with one Child SA.
+fn simultaneous_child_rekeys(nonce_seed: u64, order_seed: u64, pfs: bool) -> RekeyOutcome {
+    let (i, r) = if pfs {
+        pfs_configs()
+    } else {
+        (initiator_config(), responder_config())
+    };
+    let mut p = Pair::new(i, r);
+    p.pump();
+    let mut planes = [Dataplane::default(), Dataplane::default()];
+    for e in &p.i_events {
+        planes[0].apply(e);
+    }
+    for e in &p.r_events {
+        planes[1].apply(e);
+    }
+    let (old_i, old_r) = (
+        child(&p.i_events).inbound_spi,
+        child(&p.r_events).inbound_spi,
+    );
+    p.initiator.rng = Box::new(TestRng(1000 + nonce_seed));
+    p.responder.rng = Box::new(TestRng(2000 + nonce_seed));
+    assert!(p.initiator.rekey_child(p.now, old_i));
+    assert!(p.responder.rekey_child(p.now, old_r));
+    let mut order = TestRng(order_seed);
+    // In flight: (to the responder, datagram).
+    let mut wire: Vec<(bool, Datagram)> = Vec::new();
+    let (mut ie, mut re) = (p.i_events.len(), p.r_events.len());
+    for _ in 0..100 {
+        while let Some(d) = p.initiator.poll_transmit() {
+            wire.push((true, d));
+        }
+        while let Some(d) = p.responder.poll_transmit() {
+            wire.push((false, d));
+        }
+        if wire.is_empty() {
+            break;
+        }
+        let pick = (order.next_u64() % wire.len() as u64) as usize;
+        let (to_responder, d) = wire.remove(pick);
+        if to_responder {
+            p.responder.handle(p.now, d);
+        } else {
+            p.initiator.handle(p.now, d);
+        }
+        p.drain_events();
+        for e in &p.i_events[ie..] {
+            planes[0].apply(e);
+        }
+        for e in &p.r_events[re..] {
+            planes[1].apply(e);
+        }
+        (ie, re) = (p.i_events.len(), p.r_events.len());
+        for (from, to) in [(0, 1), (1, 0)] {
+            let out = planes[from].outbound.expect("an outbound SA all along");
+            assert!(
+                planes[to].inbound.contains(&out),
+                "seeds {nonce_seed}/{order_seed}: side {from} sends on {out:x}, not installed: {planes:x?}"
+            );
+        }
+    }
+    assert!(wire.is_empty(), "never quiet");
+    // One Child SA on each side, a new one, the same pair; the dataplanes
+    // hold exactly it.
+    let ctx = format!(
+        "seeds {nonce_seed}/{order_seed}: {:#?} {:#?}",
+        p.i_events, p.r_events
+    );
+    assert_eq!(p.initiator.children.len(), 1, "{ctx}");
+    assert_eq!(p.responder.children.len(), 1, "{ctx}");
+    let (ci, cr) = (&p.initiator.children[0], &p.responder.children[0]);
+    assert_eq!(
+        (ci.inbound_spi, ci.outbound_spi),
+        (cr.outbound_spi, cr.inbound_spi)
+    );
+    assert!(ci.inbound_spi != old_i && cr.inbound_spi != old_r, "{ctx}");
+    assert!(!ci.replaced && !cr.replaced);
+    assert_eq!(planes[0].inbound, [ci.inbound_spi].into(), "{ctx}");
+    assert_eq!(planes[1].inbound, [cr.inbound_spi].into(), "{ctx}");
+    assert_eq!(planes[0].outbound, Some(ci.outbound_spi));
+    assert_eq!(planes[1].outbound, Some(cr.outbound_spi));
+    assert!(planes[0].successors.is_empty() && planes[1].successors.is_empty());
+    // The survivor's keys agree on both sides.
+    let survivor = |events: &[IkeEvent], spi: u32| {
+        children_established(events)
+            .into_iter()
+            .find(|c| c.inbound_spi == spi)
+            .map(|c| {
+                (
+                    c.outbound_keys.encryption.as_bytes().to_vec(),
+                    c.inbound_keys.encryption.as_bytes().to_vec(),
+                )
+            })
+            .unwrap()
+    };
+    let (si, sr) = (
+        survivor(&p.i_events, ci.inbound_spi),
+        survivor(&p.r_events, cr.inbound_spi),
+    );
+    assert_eq!((si.0, si.1), (sr.1, sr.0));
+    // Nothing rejected or failed but a refused rekey.
+    for events in [&p.i_events, &p.r_events] {
+        for e in events {
+            match e {
+                IkeEvent::Failed { .. } | IkeEvent::Rejected { .. } => panic!("{ctx}"),
+                IkeEvent::ChildSaFailed { reason, .. } => assert!(
+                    ["temporary_failure", "child_sa_not_found"].contains(reason),
+                    "{ctx}"
+                ),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(p.initiator.poll_timeout(), None);
+    assert_eq!(p.responder.poll_timeout(), None);
+    assert!(p.initiator.peer_child_rekey.is_none() && p.responder.peer_child_rekey.is_none());
+    let (si, sr) = (p.initiator.stats(), p.responder.stats());
+    // TEMPORARY_FAILURE, or CHILD_SA_NOT_FOUND when the old SA's Delete
+    // came first.
+    let refused = |s: &Stats| {
+        ["temporary_failure", "child_sa_not_found"]
+            .iter()
+            .filter_map(|r| s.errors_sent.get(r))
+            .sum::<u64>()
+    };
+    let outcome = match (
+        si.child_rekeys_redundant,
+        sr.child_rekeys_redundant,
+        refused(si),
+        refused(sr),
+    ) {
+        (1, 0, 0, 0) => RekeyOutcome::InitiatorLost,
+        (0, 1, 0, 0) => RekeyOutcome::ResponderLost,
+        // The responder refused the initiator's rekey.
+        (0, 0, 0, 1) => RekeyOutcome::InitiatorRefused,
+        (0, 0, 1, 0) => RekeyOutcome::ResponderRefused,
+        other => panic!("{other:?}: {ctx}"),
+    };
+    // The loser's new SA was reported on the side that answered it, and
+    // reported deleted there; the side that created it never reported it.
+    let reported = |events: &[IkeEvent]| children_established(events).len();
+    let (ri, rr) = (reported(&p.i_events), reported(&p.r_events));
+    match outcome {
+        RekeyOutcome::InitiatorLost => assert_eq!((ri, rr), (2, 3), "{ctx}"),
+        RekeyOutcome::ResponderLost => assert_eq!((ri, rr), (3, 2), "{ctx}"),
+        _ => assert_eq!((ri, rr), (2, 2), "{ctx}"),
+    }
+    assert_eq!(deleted_children(&p.i_events).len(), ri - 1);
+    assert_eq!(deleted_children(&p.r_events).len(), rr - 1);
+    outcome
+}
+
+#[test]
+fn simultaneous_child_rekeys_keep_one_new_sa_without_a_gap() {
+    let mut outcomes = BTreeMap::new();
+    for seed in 0..200u64 {
+        let outcome = simultaneous_child_rekeys(seed % 16, seed, seed % 8 == 0);
+        *outcomes.entry(outcome).or_insert(0) += 1;
+    }
+    // Each side won by the nonces, and each side's exchange completed
+    // first, for some seeds.
+    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+}
+
+#[test]
+fn crossing_child_rekeys_are_decided_by_the_lowest_nonce() {
+    // Both requests delivered before either response, in both orders.
+    for seed in 0..8u64 {
+        for initiator_first in [true, false] {
+            let mut p = Pair::new(initiator_config(), responder_config());
+            p.pump();
+            let (old_i, old_r) = (
+                child(&p.i_events).inbound_spi,
+                child(&p.r_events).inbound_spi,
+            );
+            p.initiator.rng = Box::new(TestRng(300 + seed));
+            assert!(p.initiator.rekey_child(p.now, old_i));
+            assert!(p.responder.rekey_child(p.now, old_r));
+            let from_i = p.initiator.poll_transmit().unwrap();
+            let from_r = p.responder.poll_transmit().unwrap();
+            if initiator_first {
+                p.responder.handle(p.now, from_i);
+                p.initiator.handle(p.now, from_r);
+            } else {
+                p.initiator.handle(p.now, from_r);
+                p.responder.handle(p.now, from_i);
+            }
+            // Both answered the other's rekey while their own was out.
+            assert!(p.initiator.peer_child_rekey.is_some());
+            assert!(p.responder.peer_child_rekey.is_some());
+            p.pump();
+            no_trouble(&p);
+            let (ni, nr) = (
+                p.initiator.stats().child_rekeys_redundant,
+                p.responder.stats().child_rekeys_redundant,
+            );
+            assert_eq!(ni + nr, 1);
+            let i_won = nr == 1;
+            let winner_events = if i_won { &p.i_events } else { &p.r_events };
+            let won = children_established(winner_events)
+                .into_iter()
+                .find(|c| c.initiated && c.rekeys.is_some())
+                .unwrap();
+            assert_eq!(won.rekeys, Some(if i_won { old_i } else { old_r }));
+            assert_eq!(p.initiator.children.len(), 1);
+            assert_eq!(p.responder.children.len(), 1);
+            // Both old SAs and the loser's new SA (on the side that
+            // answered it) were reported deleted.
+            let (di, dr) = (deleted_children(&p.i_events), deleted_children(&p.r_events));
+            assert!(di.contains(&old_i) && dr.contains(&old_r));
+            assert_eq!(di.len() + dr.len(), 3);
+            // The survivor works: it is rekeyed again without trouble.
+            let spi = p.initiator.children[0].inbound_spi;
+            assert!(p.initiator.rekey_child(p.now, spi));
+            p.pump();
+            no_trouble(&p);
+            assert_eq!(p.initiator.children.len(), 1);
+            assert_ne!(p.initiator.children[0].inbound_spi, spi);
+        }
+    }
+}
+
+#[test]
+fn a_rekey_of_a_replaced_child_sa_gets_temporary_failure() {
+    let mut p = Pair::new(initiator_config(), responder_config());
+    p.pump();
+    let (old_i, old_r) = (
+        child(&p.i_events).inbound_spi,
+        child(&p.r_events).inbound_spi,
+    );
+    assert!(p.initiator.rekey_child(p.now, old_i));
+    assert!(p.responder.rekey_child(p.now, old_r));
+    let from_i = p.initiator.poll_transmit().unwrap();
+    let from_r = p.responder.poll_transmit().unwrap();
+    // The initiator's exchange completes first; the responder's request
+    // then names an SA being deleted.
+    p.responder.handle(p.now, from_i);
+    let answer = p.responder.poll_transmit().unwrap();
+    p.initiator.handle(p.now, answer);
+    assert!(!p.initiator.rekey_child(p.now, old_i), "replaced");
+    p.initiator.handle(p.now, from_r);
+    p.pump();
+    assert_eq!(child_failed(&p.r_events), Some("temporary_failure"));
+    assert_eq!(
+        p.initiator.stats().errors_sent.get("temporary_failure"),
+        Some(&1)
+    );
+    // The responder does not try again: its old SA is gone.
+    assert_eq!(p.responder.children.len(), 1);
+    assert_eq!(p.responder.poll_timeout(), None);
+    assert_eq!(
+        p.initiator.children[0].inbound_spi,
+        p.responder.children[0].outbound_spi
+    );
+}
+
 #[path = "auth_tests.rs"]
 mod auth;

@@ -4,9 +4,9 @@
 //! - `user@example.net`: ID_RFC822_ADDR;
 //! - `C=CH, O=Example, CN=meter`: ID_DER_ASN1_DN, encoded as openssl encodes
 //!   a certificate's subject (countryName as PrintableString, the rest as
-//!   UTF8String), because the engine compares DNs byte for byte;
-//! - `asn1dn:#30...`: a DN given as hex DER, for a peer whose certificate
-//!   encodes its subject otherwise;
+//!   UTF8String); the engine compares DNs by meaning ([`crate::ike::dn`]),
+//!   so a peer's or a certificate's other string types match too;
+//! - `asn1dn:#30...`: a DN given as hex DER;
 //! - anything else: ID_FQDN.
 
 use std::net::IpAddr;

@@ -31,7 +31,7 @@ mod wire;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bitw_common::config::{Config, ConfigError};
 use bitw_common::connection::{ChildMode as CfgMode, ConnAuth, Connection, StartAction};
@@ -58,6 +58,9 @@ const MAX_HALF_OPEN: usize = 1024;
 /// (RFC 7296 §2.6): a flood of spoofed requests then costs a hash each, not
 /// a DH computation and state.
 const COOKIE_THRESHOLD: usize = 64;
+/// Rejected IKE datagrams are logged (info) at most once per reason in this
+/// long; the lines left out are counted in the next one.
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the daemon must do for the proxy.
 #[derive(Debug)]
@@ -209,6 +212,43 @@ impl SpiAllocator for SharedSpis {
     }
 }
 
+/// Rate limit of the rejected-datagram log lines, per reason: hostile or
+/// broken traffic shows without `--verbose` but cannot flood the log.
+#[derive(Debug, Default)]
+struct RejectLog(HashMap<&'static str, (Instant, u64)>);
+
+impl RejectLog {
+    /// Whether a line for `reason` may go at `now`: `Some(n)` with the `n`
+    /// lines left out since the last one, else `None` (counted).
+    fn admit(&mut self, now: Instant, reason: &'static str) -> Option<u64> {
+        match self.0.get_mut(reason) {
+            Some((last, left_out))
+                if now.saturating_duration_since(*last) < REJECT_LOG_INTERVAL =>
+            {
+                *left_out += 1;
+                None
+            }
+            Some((last, left_out)) => {
+                *last = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                self.0.insert(reason, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// " (+N more since the last line)" when lines were left out.
+fn left_out(n: u64) -> String {
+    if n > 0 {
+        format!(" (+{n} more since the last line)")
+    } else {
+        String::new()
+    }
+}
+
 /// The proxy. See the module documentation.
 pub struct Proxy {
     conns: Vec<Conn>,
@@ -224,6 +264,7 @@ pub struct Proxy {
     next_change: u64,
     actions: VecDeque<Action>,
     ip_id: u16,
+    reject_log: RejectLog,
     pub stats: ProxyStats,
 }
 
@@ -339,6 +380,7 @@ impl Proxy {
             next_change: 1,
             actions: VecDeque::new(),
             ip_id: 1,
+            reject_log: RejectLog::default(),
             stats: ProxyStats::default(),
         })
     }
@@ -448,6 +490,7 @@ impl Proxy {
             // A terminal doing IKE itself: it is not for us to answer, and
             // forwarding it would let it bypass the box.
             return self.reject(
+                now,
                 "from_inside",
                 format!(
                     "IKE from {} on port inside ignored (the terminal runs no IKE through bitw)",
@@ -463,7 +506,7 @@ impl Proxy {
         }
         let header = match Header::decode(bytes) {
             Ok(h) => h,
-            Err(e) => return self.reject("malformed", format!("from {src}: {e}")),
+            Err(e) => return self.reject(now, "malformed", format!("from {src}: {e}")),
         };
         let datagram = Datagram {
             src,
@@ -493,6 +536,7 @@ impl Proxy {
             || header.flags.is_response()
         {
             return self.reject(
+                now,
                 "unknown_spi",
                 format!(
                     "{:?} from {src} to {dst} for IKE SPIs {:016x}/{:016x}: no such IKE SA",
@@ -502,6 +546,7 @@ impl Proxy {
         }
         let Some(conn) = self.conn_for(p.dst, p.src) else {
             return self.reject(
+                now,
                 "no_connection",
                 format!(
                     "IKE_SA_INIT from {src} to {dst}: no connection pairs terminal {} with {}",
@@ -517,6 +562,7 @@ impl Proxy {
             .count();
         if half_open >= MAX_HALF_OPEN {
             return self.reject(
+                now,
                 "half_open_full",
                 format!("IKE_SA_INIT from {src}: {MAX_HALF_OPEN} half-open IKE SAs already"),
             );
@@ -771,9 +817,11 @@ impl Proxy {
 
     // ---- internals ----
 
-    fn reject(&mut self, reason: &str, detail: String) {
+    fn reject(&mut self, now: Instant, reason: &'static str, detail: String) {
         *self.stats.rejected.entry(reason.to_string()).or_default() += 1;
-        debug!("IKE datagram rejected ({reason}): {detail}");
+        if let Some(n) = self.reject_log.admit(now, reason) {
+            info!("IKE datagram rejected ({reason}): {detail}{}", left_out(n));
+        }
     }
 
     /// The connection that pairs `terminal` with `peer`.
@@ -1034,7 +1082,12 @@ impl Proxy {
             }
             IkeEvent::Rejected { reason, detail } => {
                 *self.stats.rejected.entry(reason.to_string()).or_default() += 1;
-                debug!("IKE SA #{id} (`{name}`) rejected a datagram ({reason}): {detail}");
+                if let Some(n) = self.reject_log.admit(now, reason) {
+                    info!(
+                        "IKE SA #{id} (`{name}`) rejected a datagram ({reason}): {detail}{}",
+                        left_out(n)
+                    );
+                }
             }
             IkeEvent::Failed { reason, detail } => {
                 if ike.established.is_none() {
@@ -1165,6 +1218,20 @@ impl Proxy {
             Some(old) if !child.initiated => (vec![inb], Some((old, Box::new(out)))),
             _ => (vec![inb, out], None),
         };
+        // Simultaneous rekeys (RFC 7296 §2.8.1): ours won, so a rekey of the
+        // same old SA the peer started lost; the peer deletes it, and its
+        // outbound SA must not take over when the old SA goes.
+        if let (Some(old), true) = (child.rekeys, child.initiated) {
+            for rec in ike.children.values_mut() {
+                if rec.successor_of.as_ref().is_some_and(|(o, _)| *o == old) {
+                    debug!(
+                        "IKE SA #{id}: Child SA {:08x}_i lost simultaneous rekeys to {:08x}_i",
+                        rec.inbound_spi, child.inbound_spi
+                    );
+                    rec.successor_of = None;
+                }
+            }
+        }
         ike.children.insert(
             child.inbound_spi,
             ChildRec {

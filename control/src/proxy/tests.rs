@@ -301,3 +301,24 @@ fn default_proposals_parse_and_bad_ones_name_the_line() {
     assert!(e.message.contains("AEAD ciphers only"), "{e}");
     let _ = std::fs::remove_file(psk);
 }
+
+#[test]
+fn rejected_datagrams_are_logged_once_per_reason_and_second() {
+    use super::{left_out, RejectLog};
+    use std::time::Duration;
+    let mut log = RejectLog::default();
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    assert_eq!(log.admit(t0, "malformed"), Some(0));
+    // Others are left out (counted) for a second; each reason on its own.
+    assert_eq!(log.admit(ms(10), "malformed"), None);
+    assert_eq!(log.admit(ms(20), "unknown_spi"), Some(0));
+    assert_eq!(log.admit(ms(999), "malformed"), None);
+    assert_eq!(log.admit(ms(1000), "malformed"), Some(2));
+    assert_eq!(log.admit(ms(1500), "malformed"), None);
+    assert_eq!(log.admit(ms(1500), "unknown_spi"), Some(0));
+    assert_eq!(log.admit(ms(5000), "malformed"), Some(1));
+    assert_eq!(log.admit(ms(5000), "malformed"), None);
+    assert_eq!(left_out(0), "");
+    assert_eq!(left_out(3), " (+3 more since the last line)");
+}
