@@ -264,15 +264,11 @@ def test_certificates(rig_factory, tmp_path, who):
     t4, c4 = "10.99.0.1", "10.99.0.2"
     if who == "counterpart":
         tcert = pki.issue("meter", subject="C=CH, O=bitw test, CN=meter", san=[t4], key="ecdsa")
-        t_id, t_id_charon = tcert.subject, None
+        t_id = t_id_charon = tcert.subject
     else:
         tcert = pki.issue("meter", san=["meter@bitw.test"], key="rsa")
         t_id = t_id_charon = "meter@bitw.test"
     ccert = pki.issue("hq", san=["hq.bitw.test", c4], key="rsa")
-    # charon encodes a DN written as text with PrintableStrings, the
-    # certificate (openssl) with UTF8Strings: give it the certificate's DER.
-    if t_id_charon is None:
-        t_id_charon = "asn1dn:#" + sw.subject_der(tcert.cert).hex()
     rig = rig_factory(
         start_action="none" if who == "counterpart" else "trap",
         conn_extra={"auth": "pubkey", "local_cert": str(tcert.cert), "local_key": str(tcert.key),
