@@ -124,7 +124,7 @@ pub struct PuntItem {
     pub port: PortSide,
 }
 
-/// An outbound packet whose SA (in `slot`) is not installed.
+/// An outbound packet whose SA (id `slot`, see `sadb`) is not installed.
 pub struct HeldItem {
     pub mbuf: Mbuf,
     pub slot: u32,

@@ -718,6 +718,7 @@ mod tests {
         a.policy = Some("p".into());
         db.apply(vec![SaChange::Install(a)]).unwrap();
         let p = db.find_slot("p", Direction::In).unwrap();
+        let first = db.find_slot("c/1", Direction::In).unwrap();
         // Rekeys: a new SA of the same policy, the old one removed, the names unbound.
         for i in 2..50u32 {
             let mut b = params(&format!("c/{i}"), Direction::In, 0x100 + i);
@@ -739,6 +740,13 @@ mod tests {
             assert_eq!(sa, p);
             assert_eq!(db.load().inbound(id).unwrap().params.spi, 0x100 + i);
         }
+        // The first SA's index serves a later name now: a handed-off packet
+        // or an SA event still carrying the first id finds no SA.
+        let t = db.load();
+        let reused = t.iter().find(|(_, id, _)| index_of(*id) == index_of(first));
+        assert!(reused.is_some_and(|(_, id, _)| id != first));
+        assert!(t.inbound(first).is_none());
+        drop(t);
         let u = db.slot_use();
         assert!(u.table_slots <= 3, "{u:?}");
         assert_eq!(u.bound, 2);
