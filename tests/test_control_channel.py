@@ -20,7 +20,9 @@ leaves the namespace. The control socket is a file in the test's tmp_path.
 Covered: the handshake (version negotiation, wrong magic, one session at a
 time, reconnect), Apply (SAs and rules installed while traffic flows, the ESP
 checked with Scapy; errors name the field and change nothing), inbound SAs
-sharing a policy name (make-before-break rekeying), punted IKE (port
+sharing a policy name (make-before-break rekeying), SA slots reused across
+2000 fresh inbound names with traffic flowing, held packets of a name no longer
+used dropped at once, punted IKE (port
 500, NAT-T with the non-ESP marker, not ESP-in-UDP), Inject with learned MACs,
 acquire and the hold store (release in order, AcquireFailed, timeout,
 overflow), neighbours learnt from ARP and NDP, Expire events, GetStats and
@@ -611,6 +613,108 @@ def test_inbound_sas_sharing_a_policy_name_pass_its_rules(start, wire):
     assert s["esp_decrypted"] == 3, s
     assert (s["drops"]["no_sa"], s["drops"]["policy_mismatch"]) == (1, 1), s["drops"]
     assert sum(s["drops"].values()) == 2, s["drops"]
+
+
+def test_sa_slots_of_rekeyed_inbound_names_are_reused(start, wire):
+    """bitw-control installs every rekeyed inbound SA under a fresh name
+    (`connection/child/<spi hex>`, one shared policy name) and removes the old
+    one. 2000 fresh names, 10 per Apply (each Apply installs 10 and removes the
+    10 before), with a protected flow each way between the Applies: every packet
+    is delivered, encrypted or decrypted correctly, and the SA tables stay small
+    (the slots of unbound names are reused) where they used to grow by a slot
+    per name."""
+    dp = start()
+    c = Client(dp.socket)
+    c.welcome()
+    batch, rounds = 10, 200
+    l2 = bytes(Ether(src=R, dst=T))
+
+    def child(i):
+        spi = 0x10000 + i
+        return SaSpec(f"connection/child/{spi:08x}", "in", spi, "tunnel", "172.16.0.2", "172.16.0.1")
+
+    def slots():
+        return c.ok("get_stats", "stats", sa_limit=0)["sa_slots"]
+
+    live = [child(i) for i in range(batch)]
+    rules = policy(rule_json("hq", "protect", sa="to-hq"),
+                   rule_json("hq-in", "protect", sa="connection", direction="in", src=HQ_NET,
+                             dst="10.0.0.0/24"))
+    r = c.ok("apply", "applied", sas=[sa_json(HQ)] + [sa_json(s, policy="connection") for s in live],
+             policy=rules)
+    assert r["sas_installed"] == batch + 1, r
+    first = slots()
+    assert first["bound"] == 1 + 1 + batch, first
+    table_max = first["table"]
+    for rnd in range(1, rounds + 1):
+        new = [child(rnd * batch + k) for k in range(batch)]
+        r = c.ok("apply", "applied",
+                 sas=[sa_json(s, policy="connection") for s in new]
+                 + [{"op": "remove", "name": s.name, "direction": "in"} for s in live])
+        assert (r["sas_installed"], r["sas_removed"]) == (batch, batch), r
+        live = new
+        # The flow, both ways: outbound with the SA that keeps its name,
+        # inbound with one of the SAs just installed.
+        wire.clear()
+        out = udp_frame(n=rnd)
+        inner = IP(src="10.1.0.5", dst=T_IP) / UDP(sport=9999, dport=40000) / Raw(b"in-%05d" % rnd)
+        wire.send("tei", out)
+        wire.send("teo", encrypt_inbound(live[rnd % batch], inner, 1, l2=l2))
+        [g] = wire.wait("teo", 1)
+        assert outbound_problems(HQ, g, out, rnd) == [], (rnd, outbound_problems(HQ, g, out, rnd))
+        assert wire.wait("tei", 1) == [decapsulated(l2, inner)], rnd
+        if rnd % 10 == 0:
+            table_max = max(table_max, slots()["table"])
+    time.sleep(0.3)
+    last = slots()
+    st = c.ok("get_state", "state")
+    assert sorted(s["name"] for s in st["sas"]) == sorted([HQ.name] + [s.name for s in live])
+    # 2010 inbound names were used; what is bound now is what is in use.
+    assert last["bound"] == 1 + 1 + batch, last
+    assert last["waiting"] == 0 and last["free"] == last["table"] - last["bound"], last
+    print(f"SA slots: first {first}, largest table {table_max}, last {last}")
+    assert table_max <= 64, (table_max, last)
+    c.close()
+    s = dp.stop()
+    assert (s["esp_encrypted"], s["esp_decrypted"]) == (rounds, rounds), s
+    assert sum(s["drops"].values()) == 0, s["drops"]
+
+
+def test_held_packets_of_a_name_no_longer_used_are_dropped(start, wire):
+    """A rule that named an SA goes before the SA ever came: the name is
+    unbound (its slot will serve another name), and what was held for it is
+    dropped as hold_failed rather than left to time out. The name used again
+    later is a new id: its packets are encrypted from sequence number 1."""
+    dp = start(control=HOLD)
+    c = Client(dp.socket)
+    c.welcome()
+    c.ok("apply", "applied", policy=policy(rule_json("hq", "protect", sa="to-hq")))
+    for i in range(3):
+        wire.send("tei", udp_frame(n=i))
+    c.wait_event("acquire")
+    deadline = time.monotonic() + 5
+    while c.ok("get_state", "state")["held_packets"] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert c.ok("get_stats", "stats", sa_limit=0)["sa_slots"]["bound"] == 1
+    c.ok("apply", "applied", policy=policy())
+    e = c.wait_event("hold_dropped")
+    assert (e["sa"], e["packets"], e["reason"]) == ("to-hq", 3, "hold_failed"), e
+    st = c.ok("get_stats", "stats", sa_limit=0)
+    assert st["held_packets"] == 0 and st["control_drops"]["hold_failed"] == 3, st
+    assert st["sa_slots"]["bound"] == 0, st["sa_slots"]
+    time.sleep(0.3)
+    assert wire.frames("teo") == []
+    # The name again, with its SA: nothing is released, new packets go out encrypted.
+    r = c.ok("apply", "applied", sas=[sa_json(HQ)],
+             policy=policy(rule_json("hq", "protect", sa="to-hq")))
+    assert r["released"] == 0, r
+    wire.send("tei", udp_frame(n=9))
+    [g] = wire.wait("teo", 1)
+    assert outbound_problems(HQ, g, udp_frame(n=9), 1) == []
+    c.close()
+    s = dp.stop()
+    assert s["drops"]["hold_failed"] == 3 and s["esp_encrypted"] == 1, s
 
 
 def ike_frame(src=PEER_IP, dst=T_IP, sport=500, dport=500, payload=b"IKE_SA_INIT", smac=R_MAC,

@@ -891,6 +891,21 @@ pub struct SaStats {
     pub expired: bool,
 }
 
+/// The dataplane's SA slots: every SA name, inbound policy name and SA name
+/// a protect rule gives has one while anything uses it; freed slots are
+/// reused (docs/dataplane.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaSlots {
+    /// Names that have a slot now (outbound + inbound).
+    pub bound: usize,
+    /// Freed slots ready for reuse.
+    pub free: usize,
+    /// Freed slots waiting until no retired table may mention them.
+    pub waiting: usize,
+    /// Length of the SA tables (outbound + inbound), used or not.
+    pub table: usize,
+}
+
 /// Everything countable, for `bitwctl counters` and the exporter.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Stats {
@@ -904,6 +919,10 @@ pub struct Stats {
     /// Drops outside the workers (the hold queue, punt/inject), by reason.
     pub control_drops: BTreeMap<String, u64>,
     pub sa_count: usize,
+    /// How the dataplane's SA slots are used (absent from older dataplanes:
+    /// zeros).
+    #[serde(default)]
+    pub sa_slots: SaSlots,
     /// Per-SA counters, the first `sa_limit` SAs.
     pub sas: Vec<SaStats>,
     pub held_packets: usize,

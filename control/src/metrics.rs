@@ -456,6 +456,12 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = {
             &[],
         ),
         (
+            "bitw_sa_slots",
+            "The dataplane's SA slots: names bound, slots free or waiting for reuse, table length",
+            G,
+            &["state"],
+        ),
+        (
             "bitw_acquires_total",
             "Acquires raised by the dataplane (a protect rule without its SA)",
             C,
@@ -750,6 +756,14 @@ fn collect_into(out: &mut Out, stats: Option<&Stats>, snap: &Snapshot) {
         if limited { 1.0 } else { 0.0 },
     );
     out.add("bitw_held_packets", &[], s.held_packets as f64);
+    for (state, n) in [
+        ("bound", s.sa_slots.bound),
+        ("free", s.sa_slots.free),
+        ("waiting", s.sa_slots.waiting),
+        ("table", s.sa_slots.table),
+    ] {
+        out.add("bitw_sa_slots", &[("state", state)], n as f64);
+    }
     out.add("bitw_acquires_total", &[], s.acquires as f64);
     for reason in EXPIRE_REASONS {
         let n = s.expires.get(*reason).copied().unwrap_or(0);
@@ -1026,6 +1040,12 @@ pub(crate) mod tests {
             injected: 2,
             inject_failed: 0,
             control_sessions: 1,
+            sa_slots: bitw_common::proto::SaSlots {
+                bound: 3,
+                free: 1,
+                waiting: 0,
+                table: 4,
+            },
         }
     }
 
@@ -1112,6 +1132,8 @@ pub(crate) mod tests {
             ),
             ("bitw_sa_series_limited", 1.0),
             ("bitw_held_packets", 4.0),
+            (r#"bitw_sa_slots{state="bound"}"#, 3.0),
+            (r#"bitw_sa_slots{state="table"}"#, 4.0),
             ("bitw_acquires_total", 7.0),
             (r#"bitw_expires_total{reason="soft_lifetime"}"#, 1.0),
             (r#"bitw_expires_total{reason="sequence_exhausted"}"#, 0.0),
@@ -1175,6 +1197,7 @@ pub(crate) mod tests {
             "bitw_drops_total",
             "bitw_sas{",
             "bitw_held_packets",
+            "bitw_sa_slots",
         ] {
             assert!(!text.contains(absent), "{absent} while down:\n{text}");
         }

@@ -38,7 +38,8 @@ use bitw_common::config::{Config, DefaultAction};
 use bitw_common::proto::{
     self, Acquire, Applied, Batch, DataplaneState, DefaultActionName, Event, ExpireReason,
     FromDataplane, Hello, HelloReply, Mac, Origin, PolicySpec, PortName, PortStats, Punt, Reply,
-    Request, RuleSpec, SaInfo, SaSpec, SaStats, Stats, ToDataplane, TrafficCount, WorkerStats,
+    Request, RuleSpec, SaInfo, SaSlots, SaSpec, SaStats, Stats, ToDataplane, TrafficCount,
+    WorkerStats,
 };
 
 use crate::counters::{DropReason, PortSide, WorkerCounters};
@@ -123,7 +124,7 @@ pub struct PuntItem {
     pub port: PortSide,
 }
 
-/// An outbound packet whose SA (in `slot`) is not installed.
+/// An outbound packet whose SA (id `slot`, see `sadb`) is not installed.
 pub struct HeldItem {
     pub mbuf: Mbuf,
     pub slot: u32,
@@ -393,9 +394,7 @@ impl<'a> Ctl<'a> {
             self.accept();
             self.serve(busy);
             if last_reclaim.elapsed() >= Duration::from_millis(100) {
-                self.retired.retain(|t| Arc::strong_count(t) > 1);
-                self.retired_punt.retain(|t| Arc::strong_count(t) > 1);
-                self.sadb.reclaim();
+                self.reclaim();
                 last_reclaim = Instant::now();
             }
         }
@@ -420,6 +419,15 @@ impl<'a> Ctl<'a> {
         self.retired_punt.clear();
         self.sadb.reclaim();
         self.totals.clone()
+    }
+
+    /// Frees the retired tables no worker holds any more (filter tables
+    /// first: freed SA slots wait for both), and so frees the SA slots whose
+    /// quarantine is over.
+    fn reclaim(&mut self) {
+        self.retired.retain(|t| Arc::strong_count(t) > 1);
+        self.retired_punt.retain(|t| Arc::strong_count(t) > 1);
+        self.sadb.reclaim();
     }
 
     // ---- sessions ----
@@ -660,10 +668,18 @@ impl<'a> Ctl<'a> {
             }
         };
         let reply = match req {
-            Request::Apply(batch) => match self.apply(&batch, received) {
-                Ok(a) => Reply::Applied(a),
-                Err(message) => Reply::Error { message },
-            },
+            Request::Apply(batch) => {
+                // Slots freed by the last Apply are reusable now if the
+                // workers have moved on (they let go at their next burst).
+                self.reclaim();
+                let r = self.apply(&batch, received);
+                // Accepted or refused (planning binds names too).
+                self.unbind_unused();
+                match r {
+                    Ok(a) => Reply::Applied(a),
+                    Err(message) => Reply::Error { message },
+                }
+            }
             Request::Inject { port, packet } => match self.inject(port, &packet.0) {
                 Ok(()) => {
                     self.totals.injected += 1;
@@ -753,6 +769,47 @@ impl<'a> Ctl<'a> {
         applied.released = self.release_ready();
         applied.apply_seconds = received.elapsed().as_secs_f64();
         Ok(applied)
+    }
+
+    /// Unbinds the SA names nothing uses any more (no installed SA by name
+    /// or inbound policy name, no protect rule of the current filter table),
+    /// so their slots are reused (see `sadb`); packets held for an unbound
+    /// outbound name can never leave and are dropped (`hold_failed`).
+    fn unbind_unused(&mut self) {
+        let filter = self.filter.load();
+        let rule_names: HashSet<(&str, Direction)> = [Direction::Out, Direction::In]
+            .into_iter()
+            .flat_map(|d| {
+                filter.rules(d).iter().filter_map(move |r| match &r.action {
+                    crate::filter::Action::Protect { sa } => Some((sa.as_str(), d)),
+                    _ => None,
+                })
+            })
+            .collect();
+        let retired: Vec<std::sync::Weak<dyn std::any::Any + Send + Sync>> = self
+            .retired
+            .iter()
+            .map(|t| {
+                let w: std::sync::Weak<FilterTable> = Arc::downgrade(t);
+                w as std::sync::Weak<dyn std::any::Any + Send + Sync>
+            })
+            .collect();
+        let gone = self.sadb.unbind_unused(&rule_names, &retired);
+        drop(rule_names);
+        drop(filter);
+        for u in gone {
+            if u.direction != Direction::Out {
+                continue;
+            }
+            let n = self.hold.take_slot(u.id).len() as u64;
+            if n > 0 {
+                self.totals.count_drop(DropReason::HoldFailed, n);
+                *self
+                    .hold_dropped
+                    .entry((u.name, DropReason::HoldFailed.as_str()))
+                    .or_default() += n;
+            }
+        }
     }
 
     fn inject(&mut self, port: PortName, packet: &[u8]) -> Result<(), String> {
@@ -924,6 +981,15 @@ impl<'a> Ctl<'a> {
             workers,
             control_drops: t.drops.clone(),
             sa_count: table.len(),
+            sa_slots: {
+                let u = self.sadb.slot_use();
+                SaSlots {
+                    bound: u.bound,
+                    free: u.free,
+                    waiting: u.waiting,
+                    table: u.table_slots,
+                }
+            },
             sas,
             held_packets: self.hold.len(),
             acquires: t.acquires,

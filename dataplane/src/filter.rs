@@ -36,9 +36,10 @@ pub enum Verdict {
     /// No rule matched and the default action is discard.
     DefaultDiscard,
     /// A protect rule matched; `rule` indexes the direction's rules. `sa` is,
-    /// outbound, the slot of its SA in the SA database; inbound, the id of the
-    /// policy name the rule gives (the inbound slot of that name), which every
-    /// inbound SA answering to the name carries (`Sa::policy`).
+    /// outbound, the id of its SA's name in the SA database (slot index and
+    /// generation, see `sadb`); inbound, the id of the policy name the rule
+    /// gives, which every inbound SA answering to the name carries
+    /// (`Sa::policy`).
     Protect {
         rule: u32,
         sa: u32,

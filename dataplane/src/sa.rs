@@ -136,16 +136,25 @@ pub fn infer_esn(top: u64, window: u64, seq_lo: u32) -> u64 {
 }
 
 /// A live SA: parameters, the crypto context, and single-writer state.
+///
+/// `repr(C)` keeps the fields a worker reads before anything else (`id`,
+/// `owner`, `policy`) together at the start of the allocation, so the id
+/// check of a lookup (see `sadb`) reads the line the worker needs anyway.
+#[repr(C)]
 pub struct Sa {
+    /// The id of its name in the SA database (slot index and generation,
+    /// see `sadb::SlotId`); a lookup by an id of another generation of the
+    /// same slot does not find this SA.
+    pub id: u32,
+    /// Inbound: the id inbound protect rules resolve its policy name to (the
+    /// SA database sets it on install): a decrypted packet passes a protect
+    /// verdict carrying this id. Outbound: its own id.
+    pub policy: u32,
+    /// The worker that writes this SA's state.
+    pub owner: usize,
     pub params: SaParams,
     key: LessSafeKey,
     salt: [u8; SALT_LEN],
-    /// The worker that writes this SA's state.
-    pub owner: usize,
-    /// Inbound: the id inbound protect rules resolve its policy name to (the
-    /// SA database sets it on install): a decrypted packet passes a protect
-    /// verdict carrying this id.
-    pub policy: u32,
     /// Outbound: the last sequence number used (the next is this + 1).
     pub seq: AtomicU64,
     /// Inbound: the replay window (None when replay_window = 0).
@@ -195,6 +204,7 @@ impl Sa {
             key: LessSafeKey::new(unbound),
             salt,
             owner,
+            id: 0,
             policy: 0,
             seq: AtomicU64::new(0),
             replay,

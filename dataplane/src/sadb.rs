@@ -9,11 +9,20 @@
 //! windows and counters carry on untouched. A snapshot that workers may still
 //! read is freed when its last reader lets go.
 //!
-//! Slots: each SA name gets a slot the first time a rule or an SA mentions it,
-//! and keeps it for the life of the database, so the filter table (which maps
-//! protect rules to slots) and the SAs can change independently. A slot without
-//! an installed SA means "no SA yet": the packet is held or dropped, never sent
-//! in plaintext.
+//! Slots and ids: each SA name gets an id the first time a rule or an SA
+//! mentions it, so the filter table (which maps protect rules to ids) and the
+//! SAs can change independently. An id without an installed SA means "no SA
+//! yet": the packet is held or dropped, never sent in plaintext.
+//!
+//! An id is a slot index (low [`INDEX_BITS`] bits: the position in
+//! `SaTable::outbound/inbound`) and a generation (the high bits). Every `Sa`
+//! stores its id, and a lookup returns the SA only if the id matches, so an id
+//! from before its name was unbound (in a worker's inbox, a held packet, an SA
+//! event) reads as "no SA" once the slot serves another name. After every
+//! `Apply` the control thread unbinds the names nothing uses any more
+//! ([`Sadb::unbind_unused`]); their slots come back into use, with the next
+//! generation, first in first out, and only once every table retired before
+//! they were freed is gone ([`Sadb::reclaim`]).
 //!
 //! Inbound, rules name SAs by policy name (`SaParams::policy_name`: the SA's
 //! name unless it has a `policy`), and several SAs may share one. A policy
@@ -22,9 +31,10 @@
 //! carries the slot of its policy name (`Sa::policy`), and a decrypted packet
 //! passes an inbound protect verdict that carries the same id.
 
-use std::collections::HashMap;
+use std::any::Any;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 
@@ -53,6 +63,26 @@ impl Hasher for SpiHasher {
 
 type SpiMap<V> = HashMap<u32, V, BuildHasherDefault<SpiHasher>>;
 
+/// Bits of an SA id that give the slot index; the rest is the generation.
+pub const INDEX_BITS: u32 = 20;
+/// The index part of an id.
+pub const INDEX_MASK: u32 = (1 << INDEX_BITS) - 1;
+/// An id no SA ever has (its index, `INDEX_MASK`, is never handed out): a
+/// rule naming an SA when every slot is taken resolves to it and finds none.
+pub const NO_ID: u32 = u32::MAX;
+
+/// The slot index of an id.
+#[inline]
+pub fn index_of(id: u32) -> usize {
+    (id & INDEX_MASK) as usize
+}
+
+/// The same slot, next generation (wrapping within the generation bits).
+fn next_generation(id: u32) -> u32 {
+    let generation = (id >> INDEX_BITS).wrapping_add(1) & (u32::MAX >> INDEX_BITS);
+    generation << INDEX_BITS | (id & INDEX_MASK)
+}
+
 /// One immutable generation of the SA database, as the workers see it.
 #[derive(Default)]
 pub struct SaTable {
@@ -67,21 +97,37 @@ pub struct SaTable {
 }
 
 impl SaTable {
-    /// The inbound SA with this SPI and its slot.
+    /// The inbound SA with this SPI and its id. (The index is built from
+    /// this table's SAs and their ids: no generation check needed.)
     #[inline]
     pub fn inbound_by_spi(&self, spi: u32) -> Option<(u32, &Arc<Sa>)> {
-        let slot = *self.spis.get(&spi)?;
-        self.inbound[slot as usize].as_ref().map(|sa| (slot, sa))
+        let id = *self.spis.get(&spi)?;
+        self.inbound[index_of(id)].as_ref().map(|sa| (id, sa))
     }
 
+    /// The outbound SA with this id: none when the slot is empty or holds an
+    /// SA of another generation (the id is stale).
     #[inline]
-    pub fn outbound(&self, slot: u32) -> Option<&Arc<Sa>> {
-        self.outbound.get(slot as usize)?.as_ref()
+    pub fn outbound(&self, id: u32) -> Option<&Arc<Sa>> {
+        self.outbound
+            .get(index_of(id))?
+            .as_ref()
+            .filter(|sa| sa.id == id)
     }
 
+    /// The inbound SA with this id (as [`SaTable::outbound`]).
     #[inline]
-    pub fn inbound(&self, slot: u32) -> Option<&Arc<Sa>> {
-        self.inbound.get(slot as usize)?.as_ref()
+    pub fn inbound(&self, id: u32) -> Option<&Arc<Sa>> {
+        self.inbound
+            .get(index_of(id))?
+            .as_ref()
+            .filter(|sa| sa.id == id)
+    }
+
+    /// Slots per direction (outbound, inbound): the length of the tables,
+    /// installed or not.
+    pub fn slots(&self) -> (usize, usize) {
+        (self.outbound.len(), self.inbound.len())
     }
 
     pub fn len(&self) -> usize {
@@ -98,8 +144,9 @@ impl SaTable {
         let mut ports = Vec::new();
         for (slot, sa) in self.inbound.iter().enumerate() {
             if let Some(sa) = sa {
-                if let Some(other) = self.spis.insert(sa.params.spi, slot as u32) {
-                    let other = self.inbound[other as usize]
+                debug_assert_eq!(index_of(sa.id), slot);
+                if let Some(other) = self.spis.insert(sa.params.spi, sa.id) {
+                    let other = self.inbound[index_of(other)]
                         .as_ref()
                         .map(|s| s.params.name.clone())
                         .unwrap_or_default();
@@ -120,15 +167,14 @@ impl SaTable {
         Ok(())
     }
 
-    /// Every installed SA with its direction and slot, outbound first.
+    /// Every installed SA with its direction and id, outbound first.
     pub fn iter(&self) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
         fn list(
             d: Direction,
             v: &[Option<Arc<Sa>>],
         ) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
             v.iter()
-                .enumerate()
-                .filter_map(move |(i, s)| s.as_ref().map(|s| (d, i as u32, s)))
+                .filter_map(move |s| s.as_ref().map(|s| (d, s.id, s)))
         }
         list(Direction::Out, &self.outbound).chain(list(Direction::In, &self.inbound))
     }
@@ -160,10 +206,78 @@ pub enum SadbError {
     Invalid { name: String, reason: String },
 }
 
+/// The names of one direction and their ids.
+#[derive(Default)]
+struct Names {
+    map: HashMap<String, u32>,
+    /// The first index never handed out.
+    next: u32,
+    /// Ids (next generation of a freed slot) ready for use, oldest first.
+    free: VecDeque<u32>,
+}
+
+impl Names {
+    /// The id of `name`, bound now if it has none; None when every slot is taken.
+    fn bind(&mut self, name: &str) -> Option<u32> {
+        if let Some(&id) = self.map.get(name) {
+            return Some(id);
+        }
+        let id = match self.free.pop_front() {
+            Some(id) => id,
+            None if self.next < INDEX_MASK => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return None,
+        };
+        self.map.insert(name.to_string(), id);
+        Some(id)
+    }
+}
+
+/// Slots freed by one [`Sadb::unbind_unused`], waiting until the tables that
+/// were retired when they were freed are gone.
+struct Quarantine {
+    /// (direction, the id the slot gets next).
+    ids: Vec<(Direction, u32)>,
+    tables: Vec<Weak<SaTable>>,
+    others: Vec<Weak<dyn Any + Send + Sync>>,
+}
+
+impl Quarantine {
+    fn over(&self) -> bool {
+        self.tables.iter().all(|w| w.strong_count() == 0)
+            && self.others.iter().all(|w| w.strong_count() == 0)
+    }
+}
+
 #[derive(Default)]
 struct Slots {
-    out: HashMap<String, u32>,
-    inb: HashMap<String, u32>,
+    out: Names,
+    inb: Names,
+    waiting: VecDeque<Quarantine>,
+}
+
+/// How the slots are used, for statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotUse {
+    /// Names with an id (outbound + inbound).
+    pub bound: usize,
+    /// Slots ready for reuse.
+    pub free: usize,
+    /// Slots freed but waiting for old tables to go.
+    pub waiting: usize,
+    /// Length of the SA tables (outbound + inbound).
+    pub table_slots: usize,
+}
+
+/// A name that [`Sadb::unbind_unused`] unbound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unbound {
+    pub name: String,
+    pub direction: Direction,
+    /// The id it had.
+    pub id: u32,
 }
 
 /// The SA database shared by the workers and whoever installs SAs.
@@ -196,29 +310,123 @@ impl Sadb {
     /// reference before it returns, so a count of one means only this list
     /// holds it. Called by the writer's thread (control) now and then: freeing
     /// a table (and the SAs only it held, keys zeroed) never lands on a worker.
+    ///
+    /// Then freed slots whose quarantine is over (every table retired before
+    /// they were freed is gone: SA snapshots here, and the other tables the
+    /// caller named, filter tables, which the caller frees before calling
+    /// this) become free for reuse, oldest first.
     pub fn reclaim(&self) -> usize {
         let mut r = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         r.retain(|t| Arc::strong_count(t) > 1);
-        r.len()
+        let left = r.len();
+        drop(r);
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        while slots.waiting.front().is_some_and(|q| q.over()) {
+            let q = slots.waiting.pop_front().expect("front checked");
+            for (d, id) in q.ids {
+                match d {
+                    Direction::Out => slots.out.free.push_back(id),
+                    Direction::In => slots.inb.free.push_back(id),
+                }
+            }
+        }
+        left
     }
 
-    /// The slot of an SA name in a direction, if it has one (never assigns).
-    pub fn find_slot(&self, name: &str, direction: Direction) -> Option<u32> {
+    /// Unbinds the names nothing uses any more: no installed SA has them as
+    /// its name or (inbound) policy name, and `rule_names` (the SA names the
+    /// protect rules of the current filter table give, with their direction)
+    /// does not list them. Their slots are free for reuse, with the next
+    /// generation, once the SA snapshots retired so far and `retired` (the
+    /// caller's retired tables that may still mention the old ids, filter
+    /// tables) are all gone. Returns what it unbound.
+    pub fn unbind_unused(
+        &self,
+        rule_names: &HashSet<(&str, Direction)>,
+        retired: &[Weak<dyn Any + Send + Sync>],
+    ) -> Vec<Unbound> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let table = self.table.load();
+        let mut used: HashSet<(&str, Direction)> = HashSet::new();
+        for (d, _, sa) in table.iter() {
+            used.insert((sa.params.name.as_str(), d));
+            if d == Direction::In {
+                used.insert((sa.params.policy_name(), d));
+            }
+        }
+        let mut gone = Vec::new();
+        for d in [Direction::Out, Direction::In] {
+            let names = match d {
+                Direction::Out => &mut slots.out,
+                Direction::In => &mut slots.inb,
+            };
+            names.map.retain(|name, id| {
+                let keep =
+                    used.contains(&(name.as_str(), d)) || rule_names.contains(&(name.as_str(), d));
+                if !keep {
+                    gone.push(Unbound {
+                        name: name.clone(),
+                        direction: d,
+                        id: *id,
+                    });
+                }
+                keep
+            });
+        }
+        drop(table);
+        if !gone.is_empty() {
+            let tables = self
+                .retired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(Arc::downgrade)
+                .collect();
+            slots.waiting.push_back(Quarantine {
+                ids: gone
+                    .iter()
+                    .map(|u| (u.direction, next_generation(u.id)))
+                    .collect(),
+                tables,
+                others: retired.to_vec(),
+            });
+        }
+        gone
+    }
+
+    /// How the slots are used.
+    pub fn slot_use(&self) -> SlotUse {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        match direction {
-            Direction::Out => slots.out.get(name).copied(),
-            Direction::In => slots.inb.get(name).copied(),
+        let (o, i) = self.table.load().slots();
+        SlotUse {
+            bound: slots.out.map.len() + slots.inb.map.len(),
+            free: slots.out.free.len() + slots.inb.free.len(),
+            waiting: slots.waiting.iter().map(|q| q.ids.len()).sum(),
+            table_slots: o + i,
         }
     }
 
-    /// The name a slot was given.
-    pub fn slot_name(&self, slot: u32, direction: Direction) -> Option<String> {
+    /// The id of an SA name in a direction, if it has one (never assigns).
+    pub fn find_slot(&self, name: &str, direction: Direction) -> Option<u32> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let map = match direction {
+        match direction {
+            Direction::Out => slots.out.map.get(name).copied(),
+            Direction::In => slots.inb.map.get(name).copied(),
+        }
+    }
+
+    /// The name an id was given, while it is bound.
+    pub fn slot_name(&self, id: u32, direction: Direction) -> Option<String> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let names = match direction {
             Direction::Out => &slots.out,
             Direction::In => &slots.inb,
         };
-        map.iter().find(|(_, &s)| s == slot).map(|(n, _)| n.clone())
+        names
+            .map
+            .iter()
+            .find(|(_, &s)| s == id)
+            .map(|(n, _)| n.clone())
     }
 
     #[cfg(test)]
@@ -237,19 +445,28 @@ impl Sadb {
         self.has_inbound.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The slot of an SA name in a direction, assigned on first use.
+    /// The id of an SA name in a direction, bound on first use; [`NO_ID`]
+    /// (no SA, ever) when every slot is taken.
     pub fn slot(&self, name: &str, direction: Direction) -> u32 {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        Self::slot_in(&mut slots, name, direction)
+        Self::slot_in(&mut slots, name, direction).unwrap_or(NO_ID)
     }
 
-    fn slot_in(slots: &mut Slots, name: &str, direction: Direction) -> u32 {
-        let map = match direction {
-            Direction::Out => &mut slots.out,
-            Direction::In => &mut slots.inb,
-        };
-        let next = map.len() as u32;
-        *map.entry(name.to_string()).or_insert(next)
+    fn slot_in(slots: &mut Slots, name: &str, direction: Direction) -> Option<u32> {
+        match direction {
+            Direction::Out => slots.out.bind(name),
+            Direction::In => slots.inb.bind(name),
+        }
+    }
+
+    fn slot_or_err(slots: &mut Slots, name: &str, direction: Direction) -> Result<u32, SadbError> {
+        Self::slot_in(slots, name, direction).ok_or_else(|| SadbError::Invalid {
+            name: name.to_string(),
+            reason: format!(
+                "no SA slot is free ({INDEX_MASK} {} names in use)",
+                direction.as_str()
+            ),
+        })
     }
 
     /// Applies `changes` as one step: workers see all of them or none.
@@ -265,7 +482,8 @@ impl Sadb {
         for change in changes {
             match change {
                 SaChange::Install(params) => {
-                    let slot = Self::slot_in(&mut slots, &params.name, params.direction) as usize;
+                    let id = Self::slot_or_err(&mut slots, &params.name, params.direction)?;
+                    let slot = index_of(id);
                     let list = match params.direction {
                         Direction::Out => &mut next.outbound,
                         Direction::In => &mut next.inbound,
@@ -273,20 +491,24 @@ impl Sadb {
                     if list.len() <= slot {
                         list.resize(slot + 1, None);
                     }
-                    if list[slot].as_ref().is_some_and(|old| old.params == params) {
+                    if list[slot]
+                        .as_ref()
+                        .is_some_and(|old| old.id == id && old.params == params)
+                    {
                         continue; // the same SA: keep it and its state
                     }
                     let name = params.name.clone();
                     // Inbound rules name the SA by its policy name: the SA
-                    // carries that name's inbound slot, which rules resolve to.
+                    // carries that name's inbound id, which rules resolve to.
                     let policy = match params.direction {
                         Direction::In => {
-                            Self::slot_in(&mut slots, params.policy_name(), Direction::In)
+                            Self::slot_or_err(&mut slots, params.policy_name(), Direction::In)?
                         }
-                        Direction::Out => slot as u32,
+                        Direction::Out => id,
                     };
                     let mut sa = Sa::new(params, slot % self.workers)
                         .map_err(|reason| SadbError::Invalid { name, reason })?;
+                    sa.id = id;
                     sa.policy = policy;
                     let list = match sa.params.direction {
                         Direction::Out => &mut next.outbound,
@@ -296,15 +518,15 @@ impl Sadb {
                 }
                 SaChange::Remove { name, direction } => {
                     let (map, list) = match direction {
-                        Direction::Out => (&slots.out, &mut next.outbound),
-                        Direction::In => (&slots.inb, &mut next.inbound),
+                        Direction::Out => (&slots.out.map, &mut next.outbound),
+                        Direction::In => (&slots.inb.map, &mut next.inbound),
                     };
                     let slot = map
                         .get(&name)
-                        .copied()
-                        .filter(|&s| list.get(s as usize).is_some_and(|x| x.is_some()));
+                        .map(|&id| index_of(id))
+                        .filter(|&s| list.get(s).is_some_and(|x| x.is_some()));
                     match slot {
-                        Some(s) => list[s as usize] = None,
+                        Some(s) => list[s] = None,
                         None => {
                             return Err(SadbError::NoSuchSa {
                                 name,
@@ -434,6 +656,172 @@ mod tests {
         assert_eq!(db.reclaim(), 1);
         drop(reader);
         assert_eq!(db.reclaim(), 0);
+    }
+
+    fn remove(name: &str, direction: Direction) -> SaChange {
+        SaChange::Remove {
+            name: name.into(),
+            direction,
+        }
+    }
+
+    #[test]
+    fn a_removed_name_is_unbound_and_its_slot_reused_with_the_next_generation() {
+        let db = Sadb::new(2);
+        db.apply(vec![
+            SaChange::Install(params("keep", Direction::Out, 0x10)),
+            SaChange::Install(params("old", Direction::Out, 0x11)),
+        ])
+        .unwrap();
+        let old = db.find_slot("old", Direction::Out).unwrap();
+        assert_eq!(old >> INDEX_BITS, 0, "first generation");
+        // A rule names `ruled` (no SA): it keeps its id.
+        let ruled = db.slot("ruled", Direction::Out);
+        db.apply(vec![remove("old", Direction::Out)]).unwrap();
+        let rules: HashSet<(&str, Direction)> = [("ruled", Direction::Out)].into();
+        let gone = db.unbind_unused(&rules, &[]);
+        assert_eq!(
+            gone,
+            vec![Unbound {
+                name: "old".into(),
+                direction: Direction::Out,
+                id: old
+            }]
+        );
+        assert_eq!(db.find_slot("old", Direction::Out), None);
+        assert_eq!(db.find_slot("ruled", Direction::Out), Some(ruled));
+        assert!(db.find_slot("keep", Direction::Out).is_some());
+        assert_eq!(db.slot_use().waiting, 1);
+        // Nobody reads the retired tables: the slot is free at the next reclaim.
+        db.reclaim();
+        assert_eq!(db.slot_use().free, 1);
+        db.apply(vec![SaChange::Install(params("new", Direction::Out, 0x12))])
+            .unwrap();
+        let new = db.find_slot("new", Direction::Out).unwrap();
+        assert_eq!(index_of(new), index_of(old), "the index is reused");
+        assert_eq!(new >> INDEX_BITS, 1, "with the next generation");
+        let t = db.load();
+        // An id from before (a job in an inbox, a held packet, an SA event)
+        // finds no SA, though the slot holds one again.
+        assert!(t.outbound(old).is_none());
+        assert_eq!(t.outbound(new).unwrap().params.name, "new");
+        assert_eq!(t.outbound(new).unwrap().id, new);
+        assert_eq!(t.slots().0, 2, "the table did not grow");
+        // Same slot, same owner worker.
+        assert_eq!(t.outbound(new).unwrap().owner, index_of(old) % 2);
+    }
+
+    #[test]
+    fn inbound_policy_names_stay_bound_while_an_sa_or_a_rule_uses_them() {
+        let db = Sadb::new(1);
+        let mut a = params("c/1", Direction::In, 0x100);
+        a.policy = Some("p".into());
+        db.apply(vec![SaChange::Install(a)]).unwrap();
+        let p = db.find_slot("p", Direction::In).unwrap();
+        let first = db.find_slot("c/1", Direction::In).unwrap();
+        // Rekeys: a new SA of the same policy, the old one removed, the names unbound.
+        for i in 2..50u32 {
+            let mut b = params(&format!("c/{i}"), Direction::In, 0x100 + i);
+            b.policy = Some("p".into());
+            db.apply(vec![SaChange::Install(b)]).unwrap();
+            db.apply(vec![remove(&format!("c/{}", i - 1), Direction::In)])
+                .unwrap();
+            let gone = db.unbind_unused(&HashSet::new(), &[]);
+            assert_eq!(gone.len(), 1);
+            assert_eq!(gone[0].name, format!("c/{}", i - 1));
+            db.reclaim();
+            // The policy name keeps its id, so every SA passes the same rules.
+            assert_eq!(db.find_slot("p", Direction::In), Some(p));
+            let (id, sa) = db
+                .load()
+                .inbound_by_spi(0x100 + i)
+                .map(|(id, sa)| (id, sa.policy))
+                .unwrap();
+            assert_eq!(sa, p);
+            assert_eq!(db.load().inbound(id).unwrap().params.spi, 0x100 + i);
+        }
+        // The first SA's index serves a later name now: a handed-off packet
+        // or an SA event still carrying the first id finds no SA.
+        let t = db.load();
+        let reused = t.iter().find(|(_, id, _)| index_of(*id) == index_of(first));
+        assert!(reused.is_some_and(|(_, id, _)| id != first));
+        assert!(t.inbound(first).is_none());
+        drop(t);
+        let u = db.slot_use();
+        assert!(u.table_slots <= 3, "{u:?}");
+        assert_eq!(u.bound, 2);
+        // The last SA gone: the policy name is kept only by a rule.
+        db.apply(vec![remove("c/49", Direction::In)]).unwrap();
+        let rules: HashSet<(&str, Direction)> = [("p", Direction::In)].into();
+        assert_eq!(db.unbind_unused(&rules, &[]).len(), 1);
+        assert_eq!(db.find_slot("p", Direction::In), Some(p));
+        assert_eq!(db.unbind_unused(&HashSet::new(), &[]).len(), 1);
+        assert_eq!(db.find_slot("p", Direction::In), None);
+    }
+
+    #[test]
+    fn no_reuse_while_a_table_of_the_time_is_held() {
+        let db = Sadb::new(1);
+        db.apply(vec![SaChange::Install(params("old", Direction::In, 0x7))])
+            .unwrap();
+        let old = db.find_slot("old", Direction::In).unwrap();
+        // A worker still reads the SA table with `old`, and a filter table
+        // (stand-in: any Arc) whose rules gave `old`'s id is still held.
+        let reader = db.load_full_for_tests();
+        let filter: Arc<dyn Any + Send + Sync> = Arc::new(old);
+        db.apply(vec![remove("old", Direction::In)]).unwrap();
+        let weak: Weak<dyn Any + Send + Sync> = Arc::downgrade(&filter);
+        db.unbind_unused(&HashSet::new(), &[weak]);
+        db.reclaim();
+        assert_eq!(db.slot_use().waiting, 1);
+        let a = db.slot("a", Direction::In);
+        assert_ne!(
+            index_of(a),
+            index_of(old),
+            "not reused while the SA table is held"
+        );
+        drop(reader);
+        db.reclaim();
+        assert_eq!(db.slot_use().waiting, 1, "the filter table is still held");
+        let b = db.slot("b", Direction::In);
+        assert_ne!(index_of(b), index_of(old));
+        drop(filter);
+        db.reclaim();
+        assert_eq!(
+            db.slot_use(),
+            SlotUse {
+                bound: 2,
+                free: 1,
+                waiting: 0,
+                table_slots: 1
+            }
+        );
+        let c = db.slot("c", Direction::In);
+        assert_eq!(index_of(c), index_of(old));
+        assert_ne!(c, old);
+        // Freed slots come back first in, first out.
+        db.unbind_unused(&[("b", Direction::In), ("c", Direction::In)].into(), &[]);
+        db.unbind_unused(&[("c", Direction::In)].into(), &[]);
+        db.reclaim();
+        assert_eq!(index_of(db.slot("x", Direction::In)), index_of(a));
+        assert_eq!(index_of(db.slot("y", Direction::In)), index_of(b));
+        assert_eq!(
+            db.slot_use().table_slots,
+            1,
+            "never installed: the table stays short"
+        );
+    }
+
+    #[test]
+    fn generations_wrap_within_their_bits_and_no_id_matches_nothing() {
+        let last = (u32::MAX >> INDEX_BITS) << INDEX_BITS | 5;
+        assert_eq!(next_generation(last), 5);
+        assert_eq!(next_generation(5), 1 << INDEX_BITS | 5);
+        let db = Sadb::new(1);
+        db.apply(vec![SaChange::Install(params("a", Direction::Out, 0x1))])
+            .unwrap();
+        assert!(db.load().outbound(NO_ID).is_none());
+        assert!(db.load().inbound(NO_ID).is_none());
     }
 
     #[test]

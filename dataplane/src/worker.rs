@@ -45,9 +45,10 @@ pub struct HandoffItem {
 /// What the owner must do with a handed-off packet.
 #[derive(Clone, Copy)]
 pub enum Job {
-    /// Encapsulate with the outbound SA in this slot.
+    /// Encapsulate with the outbound SA of this id (`sadb`: slot index and
+    /// generation; a stale id finds no SA: `protect_no_sa`).
     Protect { slot: u32 },
-    /// Decapsulate with the inbound SA in this slot.
+    /// Decapsulate with the inbound SA of this id (stale: `no_sa`).
     Unprotect { slot: u32, loc: EspLocation },
     /// Send the frame as it is: out of port outside for `Direction::Out`,
     /// inside for `In` (a datagram control injects; the control thread has
@@ -82,6 +83,7 @@ impl Handoff {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SaEventRecord {
     pub direction: Direction,
+    /// The SA's id (`sadb`); if its name was unbound meanwhile, it finds no SA.
     pub slot: u32,
     pub spi: u32,
     pub event: SaEvent,

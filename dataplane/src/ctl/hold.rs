@@ -43,7 +43,8 @@ fn flow_id(a: &Acquire) -> FlowId {
 /// One held packet.
 #[derive(Debug)]
 pub struct Held<P> {
-    /// The outbound SA slot it waits for.
+    /// The id (`sadb`: slot index and generation) of the outbound SA it
+    /// waits for; the control thread drops it when that name is unbound.
     pub slot: u32,
     /// Offset of its IP header (what the encapsulation needs).
     pub l3: u16,
