@@ -99,6 +99,7 @@ pub struct ProxyStats {
     pub handshake_seconds: Vec<f64>,
     /// Datagrams the proxy or an engine rejected, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// Our requests sent again after a timeout, all IKE SAs together.
     pub retransmits: u64,
     pub cookies_sent: u64,
     pub child_sas: BTreeMap<String, u64>,
@@ -960,9 +961,6 @@ impl Proxy {
             }
         }
         self.update_routes(id);
-        if let Some(ike) = self.ikes.get(&id) {
-            self.stats.retransmits = self.stats.retransmits.max(ike.sa.stats().retransmits_sent);
-        }
         let closed = self.ikes.get(&id).is_some_and(|k| k.sa.is_closed());
         if closed {
             let conn = self.ikes[&id].conn;
