@@ -944,7 +944,10 @@ def main():
         print("== preparing: ESP captures made by bitw, checked with Scapy", file=sys.stderr)
         prepare(bench, traffics, aead_sizes, keys, problems)
         if args.secgw:
-            prepare_secgw(bench, traffics, aead_sizes[MAIN_AEAD], keys)
+            try:
+                prepare_secgw(bench, traffics, aead_sizes[MAIN_AEAD], keys)
+            except RuntimeError as e:
+                raise SystemExit("ipsec-secgw check run failed: %s" % e)
 
         plaintexts = sorted({esp_plaintext(f) for t in traffics.values() for f in t.pattern})
         compare = [64, 1500] if args.quick else COMPARE_SIZES
