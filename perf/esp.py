@@ -1,6 +1,7 @@
 #!/usr/bin/python3
-"""ESP benchmark: bitw-dataplane's encrypt and decrypt rate on one worker, next to the raw AEAD
-rate of ring on the same core (the per-core limit).
+"""ESP benchmark: bitw-dataplane's encrypt and decrypt rate on one worker, side by side with DPDK's
+ipsec-secgw (same core, pcaps and SA; AES-128-GCM) and next to the raw AEAD rate of ring on the same
+core (the per-core limit).
 
     python3 perf/esp.py                  # 5 rounds x 5 s per case (~13 min)
     python3 perf/esp.py --quick          # smoke: 1 run x 1 s, 64 and 1420 bytes (~35 s), not saved
@@ -18,6 +19,9 @@ Cases (one worker, cores = [1], tunnel mode IPv4, esn = false):
             Rate: packets received and checked per second
 Frame sizes 64/128/512/1420 bytes incl. FCS (60/124/508/1416 in the pcaps) and IMIX 7:4:1 of
 64/594/1518. The raw AEAD rate comes from bitw-aead-bench, run once per round on the same core.
+ipsec-secgw (perf/secgw.py: built from Debian's dpdk-doc into target/perf/, crypto_aesni_gcm) runs
+every aes128gcm16 encrypt and decrypt case right after bitw in each round (--no-secgw skips it); its
+rate is its output port's packets over a --seconds window after --warmup, from EAL telemetry.
 
 Prints a Markdown table; saves JSON and Markdown under perf/results/ (see perf/README.md).
 Needs root, DPDK 22.11, cargo, and Scapy (/usr/bin/python3 has it: the script re-runs itself
@@ -38,6 +42,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import forwarding as fw  # noqa: E402  (the quiet-machine runner, pcap writer, machine info)
+import secgw  # noqa: E402  (DPDK's ipsec-secgw: build, config, run)
 
 ROOT = fw.ROOT
 RESULTS = fw.RESULTS
@@ -272,6 +277,23 @@ class EspBench(fw.Bench):
         r["dpdk"] = s.get("dpdk")
         return r
 
+    def run_secgw(self, case, tr, keys):
+        """One measured ipsec-secgw run of an encrypt or decrypt case of MAIN_AEAD: the same pcaps
+        and SA as bitw's (port 0 = LAN side, port 1 = ESP side)."""
+        direction, aead, _ = case
+        a = self.args
+        if direction == "encrypt":
+            port0 = "net_pcap0,rx_pcap=%s,infinite_rx=1" % tr.plain
+            port1 = "net_null0,no-rx=1"
+            in_port, out_port = 0, 1
+        else:
+            port0 = "net_null0,no-rx=1"
+            port1 = "net_pcap0,rx_pcap=%s,infinite_rx=1" % tr.esp[aead]
+            in_port, out_port = 1, 0
+        r = secgw.run(a.secgw_bin, a.core, fw.EAL_COMMON, self.prefix("secgw"), port0, port1, a.secgw_crypto,
+                      self.secgw_cfg, in_port, out_port, a.warmup, a.seconds)
+        return r
+
     def run_aead(self, sizes, runs, millis):
         """bitw-aead-bench once: every run's Mops per (aead, library, bytes), on the same core."""
         a = self.args
@@ -441,6 +463,68 @@ def prepare(bench, traffics, aead_sizes, keys, problems):
                   % (tag, tr.count), file=sys.stderr)
 
 
+def routed(ip):
+    """An IPv4 packet as a router forwards it: TTL - 1, header checksum updated (ipsec-secgw routes;
+    bitw is a bump in the wire and keeps the TTL)."""
+    hl = (ip[0] & 15) * 4
+    h = bytearray(ip[:hl])
+    h[8] -= 1
+    h[10:12] = b"\0\0"
+    c = fw._csum(bytes(h))
+    h[10:12] = bytes([c >> 8, c & 255])
+    return bytes(h) + ip[hl:]
+
+
+def prepare_secgw(bench, traffics, sizes, keys):
+    """ipsec-secgw gets the same SA: per size, it encrypts the plaintext once (captured with
+    tx_pcap), and Scapy must open every packet with bitw's outbound SA (SPI, tunnel, key); and it
+    decrypts bitw's ESP capture once, which must give back the inner packets of the plaintext.
+    ipsec-secgw is a router: it decrements the inner TTL (and sets its own MACs); bitw does not."""
+    from scapy.all import IP, Ether
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+
+    a = bench.args
+    for size in sizes:
+        tr = traffics[size]
+        tag = "ipsec-secgw %s" % size_label(size)
+        # Encrypt.
+        out = os.path.join(bench.tmp, "secgw-enc-%s.pcap" % size)
+        secgw.run(a.secgw_bin, a.core, fw.EAL_COMMON, bench.prefix("secgw"), "net_pcap0,rx_pcap=%s" % tr.plain,
+                  "net_pcap1,tx_pcap=%s" % out, a.secgw_crypto, bench.secgw_cfg, 0, 1, 0, 1.0, measure=False)
+        plain, esp = read_pcap(tr.plain), read_pcap(out)
+        ssa = SecurityAssociation(ESP, spi=SPI_OUT, crypt_algo=AEADS[MAIN_AEAD][1],
+                                  crypt_key=keys[MAIN_AEAD]["out_key"],
+                                  tunnel_header=IP(src=LOCAL_GW, dst=PEER_GW))
+        if len(esp) != tr.count:
+            raise SystemExit("%s: encrypted %d of %d frames" % (tag, len(esp), tr.count))
+        for i, (raw, pt) in enumerate(zip(esp, plain)):
+            ip = Ether(raw)[IP]
+            bad = []
+            if (ip.src, ip.dst, ip.proto) != (LOCAL_GW, PEER_GW, 50) or ip[ESP].spi != SPI_OUT:
+                bad.append("outer header %s" % ip.summary())
+            try:
+                inner = bytes(ssa.decrypt(ip))
+            except Exception as e:  # IPSecIntegrityError and anything Scapy raises
+                bad.append("Scapy cannot decrypt it with bitw's SA: %s" % e)
+                inner = None
+            if inner is not None and inner != routed(pt[14:]):
+                bad.append("the inner packet differs from the plaintext (with TTL - 1)")
+            if bad:
+                raise SystemExit("%s: ESP packet %d: %s" % (tag, i + 1, "; ".join(bad)))
+        # Decrypt bitw's ESP capture.
+        out = os.path.join(bench.tmp, "secgw-dec-%s.pcap" % size)
+        secgw.run(a.secgw_bin, a.core, fw.EAL_COMMON, bench.prefix("secgw"), "net_pcap1,tx_pcap=%s" % out,
+                  "net_pcap0,rx_pcap=%s" % tr.esp[MAIN_AEAD], a.secgw_crypto, bench.secgw_cfg, 1, 0, 0, 1.0,
+                  measure=False)
+        dec, plain = read_pcap(out), read_pcap(tr.plain_rev)
+        same = sum(1 for x, y in zip(dec, plain) if x[14:] == routed(y[14:]))
+        if len(dec) != tr.count or same != tr.count:
+            raise SystemExit("%s: decrypted %d of %d ESP packets of bitw's, %d equal to the plaintext's IP packets (TTL - 1)"
+                             % (tag, len(dec), tr.count, same))
+        print("  %-28s encrypts into ESP that Scapy opens with bitw's SA; decrypts bitw's ESP to the plaintext"
+              % tag, file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------- profile
 
 
@@ -544,9 +628,29 @@ def render(res):
         % (a["core"], LOCAL_GW, PEER_GW, a["runs"], a["seconds"])
     )
     out.append("")
-    out.append("| AEAD | Direction | Frame bytes (incl. FCS) | ESP plaintext bytes | ESP frame bytes (incl. FCS) | bitw Mpps | "
-               "Gbps (plaintext) | ns/pkt | AEAD limit Mops (ring) | % of limit |")
-    out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    sg_on = a.get("secgw")
+    if sg_on:
+        out.append(
+            "**ipsec-secgw** = %s's `examples/ipsec-secgw` (Debian's dpdk-doc, built against the installed "
+            "libdpdk) with crypto %s, run right after bitw in every round on the same core, the same pcaps "
+            "and the same SA (SPIs, tunnel, key and salt; its replay window off, as bitw's in decrypt): "
+            "packets sent on the output port per second, from its port counters (EAL telemetry "
+            "`/ethdev/stats`) over a %g-s window after %g s of traffic; **bitw / secgw** = ratio of the "
+            "medians." % (res["machine"]["dpdk"], a["secgw_crypto"], a["seconds"], a["warmup"]))
+        out.append("")
+    sg_head = " ipsec-secgw Mpps | bitw / secgw |" if sg_on else ""
+    out.append("| AEAD | Direction | Frame bytes (incl. FCS) | ESP plaintext bytes | ESP frame bytes (incl. FCS) | bitw Mpps |"
+               + sg_head + " Gbps (plaintext) | ns/pkt | AEAD limit Mops (ring) | % of limit |")
+    out.append("|---|---|---|---:|---:|---:|" + ("---:|---:|" if sg_on else "") + "---:|---:|---:|---:|")
+
+    def sg_cols(c):
+        if not sg_on:
+            return ""
+        if "secgw_mpps" in c:
+            return " %s | **%.2f** |" % (fmt(c["secgw_mpps"]), c["bitw_vs_secgw"])
+        if "secgw_failed" in c:
+            return " failed: %s | |" % c["secgw_failed"]
+        return " – | – |"
     def order(c):
         return list(AEADS).index(c["aead"]), SIZE_ORDER.index(c["size"]), DIRECTIONS.index(c["direction"])
 
@@ -555,11 +659,12 @@ def render(res):
             continue
         tr_desc = c["frame_desc"]
         if "failed" in c:
-            out.append("| %s | %s | %s | | | failed: %s | | | | |" % (c["aead"], c["direction"], tr_desc, c["failed"]))
+            out.append("| %s | %s | %s | | | failed: %s |%s | | | |" % (c["aead"], c["direction"], tr_desc, c["failed"],
+                                                                        " | |" if sg_on else ""))
             continue
-        out.append("| %s | %s | %s | %s | %s | %s | %.2f | %.1f | %s | **%s** |" % (
+        out.append("| %s | %s | %s | %s | %s | %s |%s %.2f | %.1f | %s | **%s** |" % (
             c["aead"], c["direction"], tr_desc, c["esp_plaintext"], c["esp_frame"], fmt(c["mpps"]),
-            c["gbps"], c["ns_per_packet"],
+            sg_cols(c), c["gbps"], c["ns_per_packet"],
             fmt_limit(c),
             "%.0f %%" % (100 * c["pct_of_limit"]) if c.get("pct_of_limit") else "–"))
     out.append("")
@@ -704,6 +809,14 @@ def main():
     ap.add_argument("--other-sizes", default=None,
                     help="frame sizes of the other AEADs (default 64,1420; --quick: 64)")
     ap.add_argument("--no-replay", action="store_true", help="skip the replay-window-on runs")
+    ap.add_argument("--no-secgw", dest="secgw", action="store_false",
+                    help="skip DPDK's ipsec-secgw (by default it runs every %s encrypt and decrypt case "
+                         "beside bitw)" % MAIN_AEAD)
+    ap.add_argument("--secgw-crypto", default=None,
+                    help="ipsec-secgw's crypto vdev (default: crypto_aesni_gcm0 from intel-ipsec-mb if DPDK "
+                         "has it, else crypto_openssl0)")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="ipsec-secgw: seconds of traffic before its counting window (default 1; --quick: 0.5)")
     ap.add_argument("--aead-runs", type=int, default=None,
                     help="bitw-aead-bench runs per case and round (default 3; --quick: 1)")
     ap.add_argument("--aead-millis", type=int, default=None,
@@ -729,6 +842,8 @@ def main():
     ap.add_argument("--save", dest="save", action="store_true", default=None,
                     help="save results under perf/results/ (default unless --quick)")
     ap.add_argument("--no-save", dest="save", action="store_false")
+    ap.add_argument("--json-out", default=None, metavar="PATH",
+                    help="also write the results (the JSON that --save keeps) to PATH (for tests)")
     args = ap.parse_args()
     ensure_scapy()
     if args.quick:
@@ -738,12 +853,14 @@ def main():
         args.other_sizes = args.other_sizes or "64"
         args.aead_millis = args.aead_millis or 100
         args.aead_runs = args.aead_runs or 1
+        args.warmup = 0.5 if args.warmup is None else args.warmup
         if args.save is None:
             args.save = False
     elif args.save is None:
         args.save = True
     args.aead_millis = args.aead_millis or 100
     args.aead_runs = args.aead_runs or 3
+    args.warmup = 1.0 if args.warmup is None else args.warmup
     if args.runs < 1 or args.seconds <= 0:
         ap.error("--runs and --seconds must be positive")
     sizes = parse_sizes(args.sizes or ",".join(SIZE_ORDER), ap)
@@ -785,6 +902,20 @@ def main():
     for path in (args.bitw, args.aead_bench):
         if not os.path.exists(path):
             raise SystemExit("%s not found: cargo build --release" % path)
+    secgw_desc = None
+    if args.secgw:
+        if MAIN_AEAD not in aeads:
+            ap.error("ipsec-secgw runs %s only: add it to --aeads or give --no-secgw" % MAIN_AEAD)
+        try:
+            args.secgw_bin = secgw.build(os.path.join(ROOT, "target", "perf"),
+                                         log=lambda m: print(m, file=sys.stderr))
+            if args.secgw_crypto:
+                secgw_desc = args.secgw_crypto
+            else:
+                args.secgw_crypto, secgw_desc = secgw.crypto_vdev()
+        except RuntimeError as e:
+            raise SystemExit("ipsec-secgw: %s" % e)
+        print("== ipsec-secgw: %s, crypto %s" % (args.secgw_bin, secgw_desc), file=sys.stderr)
 
     command = " ".join(["python3 perf/esp.py"] + sys.argv[1:])
     tmp = tempfile.mkdtemp(prefix="bitw-esp-")
@@ -799,13 +930,24 @@ def main():
         traffics = {size: Traffic(size, tmp) for size in SIZE_ORDER if any(size in v for v in aead_sizes.values())}
         keys = {}
         for aead in aeads:
-            out_key, _ = key_file(tmp, "to-peer", aead)
+            out_key, out_material = key_file(tmp, "to-peer", aead)
             peer_key, material = key_file(tmp, "peer", aead)
             # The inbound SA uses the peer's key: same file, same material.
-            keys[aead] = {"out": out_key, "peer": peer_key, "in": peer_key, "peer_key": material}
+            keys[aead] = {"out": out_key, "peer": peer_key, "in": peer_key, "peer_key": material,
+                          "out_key": out_material}
+        if args.secgw:
+            # ipsec-secgw gets bitw's SAs: same SPIs, tunnel endpoints, keys and salts.
+            bench.secgw_cfg = os.path.join(tmp, "secgw.cfg")
+            secgw.write_config(bench.secgw_cfg, LAN, REMOTE, LOCAL_GW, PEER_GW, SPI_OUT, SPI_IN,
+                               keys[MAIN_AEAD]["out_key"], keys[MAIN_AEAD]["peer_key"])
 
         print("== preparing: ESP captures made by bitw, checked with Scapy", file=sys.stderr)
         prepare(bench, traffics, aead_sizes, keys, problems)
+        if args.secgw:
+            try:
+                prepare_secgw(bench, traffics, aead_sizes[MAIN_AEAD], keys)
+            except RuntimeError as e:
+                raise SystemExit("ipsec-secgw check run failed: %s" % e)
 
         plaintexts = sorted({esp_plaintext(f) for t in traffics.values() for f in t.pattern})
         compare = [64, 1500] if args.quick else COMPARE_SIZES
@@ -820,11 +962,20 @@ def main():
                      "profile_seconds": args.profile_seconds, "burst": fw.BURST,
                      "descriptors": fw.DESCRIPTORS, "mbufs": fw.MBUFS, "max_others": args.max_others,
                      "retries": args.retries, "eal": fw.EAL_COMMON,
-                     "replay_window": REPLAY_WINDOW, "tunnel": [LOCAL_GW, PEER_GW]},
+                     "replay_window": REPLAY_WINDOW, "tunnel": [LOCAL_GW, PEER_GW],
+                     "secgw": args.secgw, "secgw_crypto": secgw_desc, "warmup": args.warmup},
             "loadavg_before": " ".join(open("/proc/loadavg").read().split()[:3]),
         }
         attempts = 0
         runs = {c: [] for c in cases}
+        # One round: per size, bitw's cases, then ipsec-secgw's encrypt and decrypt of that size.
+        schedule = []
+        for case in cases:
+            schedule.append(("bitw", case))
+            if args.secgw and case[0] == "decrypt" and case[1] == MAIN_AEAD:
+                schedule += [("secgw", ("encrypt", MAIN_AEAD, case[2])), ("secgw", case)]
+        sg_runs = {c: [] for s_, c in schedule if s_ == "secgw"}
+        sg_failed = {}
         aead_runs = []
         failed = {}
         dpdk_version = None
@@ -848,10 +999,27 @@ def main():
             except RuntimeError as e:
                 problems.append("%s failed: %s" % (tag, str(e).splitlines()[0]))
                 print("  %s FAILED: %s" % (tag, e), file=sys.stderr)
-            for case in cases:
+            for system, case in schedule:
+                direction, aead, size = case
+                if system == "secgw":
+                    if case in sg_failed:
+                        continue
+                    tag = "round %d/%d ipsec-secgw %s %s" % (i + 1, args.runs, direction, size_label(size))
+                    try:
+                        r = bench.measure(tag, bench.run_secgw, case, traffics[size], keys)
+                    except RuntimeError as e:
+                        sg_failed[case] = str(e).splitlines()[0]
+                        problems.append("%s failed: %s" % (tag, sg_failed[case]))
+                        print("  %s FAILED: %s" % (tag, e), file=sys.stderr)
+                        continue
+                    note(tag, r)
+                    extra = " (others %.2f CPU)" % r["others_cpu"] if r.get("others_cpu", 0) > 0.05 else ""
+                    flag = "  PROBLEM: " + "; ".join(r["problems"]) if r["problems"] else ""
+                    print("  %-40s %8.3f Mpps%s%s" % (tag, r["mpps_per_worker"], extra, flag), file=sys.stderr)
+                    sg_runs[case].append(r)
+                    continue
                 if case in failed:
                     continue
-                direction, aead, size = case
                 tag = "round %d/%d %s %s %s" % (i + 1, args.runs, direction, aead, size_label(size))
                 try:
                     r = bench.measure(tag, bench.run_case, case, traffics[size], keys)
@@ -919,6 +1087,17 @@ def main():
                                   % (direction, aead, size_label(size), 100 * c["pct_of_limit"]))
             if not 0.05 < sm["median"] < 200:
                 insane.append("%s %s %s: %.3f Mpps" % (direction, aead, size_label(size), sm["median"]))
+            if case in sg_runs:
+                c["secgw_raw"] = sg_runs[case]
+                if case in sg_failed or not sg_runs[case]:
+                    c["secgw_failed"] = sg_failed.get(case, "no run")
+                    insane.append("ipsec-secgw %s %s: %s" % (direction, size_label(size), c["secgw_failed"]))
+                else:
+                    sg = fw.summarise([r["mpps_per_worker"] for r in sg_runs[case]])
+                    c["secgw_mpps"] = sg
+                    c["bitw_vs_secgw"] = sm["median"] / sg["median"]
+                    if not 0.05 < sg["median"] < 200:
+                        insane.append("ipsec-secgw %s %s: %.3f Mpps" % (direction, size_label(size), sg["median"]))
             out_cases.append(c)
         res["cases"] = out_cases
         if not aead_runs:
@@ -940,6 +1119,9 @@ def main():
         print(md)
         if args.save:
             fw.save_results("esp", res, md)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(res, f, indent=1)
         if insane:
             print("FAIL: implausible or failed results: " + "; ".join(insane), file=sys.stderr)
             return 1

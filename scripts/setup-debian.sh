@@ -6,6 +6,9 @@ set -euo pipefail
 PACKAGES=(
   # DPDK 22.11: runtime, PMDs, headers, dpdk-testpmd, ipsec-secgw sources (perf)
   dpdk dpdk-dev libdpdk-dev dpdk-doc
+  # perf/secgw.py builds dpdk-doc's examples/ipsec-secgw with its Makefile (make and
+  # pkg-config libdpdk, below) and runs it with crypto_aesni_gcm (intel-ipsec-mb)
+  librte-crypto-ipsec-mb23
   # dpdk-sys: bindgen needs libclang; cc builds the shim
   clang libclang-dev pkg-config build-essential libpcap-dev
   # tests: an ESP/packet implementation we did not write, and a test runner

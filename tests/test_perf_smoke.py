@@ -1,0 +1,46 @@
+"""Smoke test of the ESP benchmark (perf/esp.py --quick): bitw-dataplane, DPDK's ipsec-secgw
+(built from Debian's dpdk-doc) and bitw-aead-bench each run once per case and give plausible
+numbers. It asserts that the benchmark ran and what it measured is sane, never a speed: the
+comparison itself is perf/esp.py's job (see perf/README.md).
+
+Needs root, the release build (bitw-dataplane and bitw-aead-bench; `cargo build --release`),
+dpdk-doc, libdpdk-dev, pkg-config and make (scripts/setup-debian.sh installs them all).
+"""
+
+import json
+import subprocess
+import sys
+
+from bitw_testlib import REPO_ROOT
+
+
+def test_esp_quick_runs_bitw_secgw_and_aead_bench(dataplane, tmp_path):
+    aead_bench = dataplane.parent / "bitw-aead-bench"
+    assert aead_bench.is_file(), f"{aead_bench} missing: cargo build --release -p bitw-aead-bench"
+    out = tmp_path / "esp.json"
+    cmd = [sys.executable, str(REPO_ROOT / "perf" / "esp.py"), "--quick", "--no-build",
+           "--bitw", str(dataplane), "--aead-bench", str(aead_bench), "--json-out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"perf/esp.py --quick exited {p.returncode}:\n{p.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    assert res["args"]["secgw"] and res["args"]["secgw_crypto"], res["args"]
+    assert not res["problems"], res["problems"]
+
+    main = [c for c in res["cases"] if c["aead"] == "aes128gcm16" and c["direction"] in ("encrypt", "decrypt")]
+    # --quick: 64 and 1420 bytes, encrypt and decrypt.
+    assert sorted((c["direction"], c["size"]) for c in main) == [
+        ("decrypt", "1420"), ("decrypt", "64"), ("encrypt", "1420"), ("encrypt", "64")]
+    for c in main:
+        case = f'{c["direction"]} {c["size"]}'
+        assert "failed" not in c and "secgw_failed" not in c, case
+        bitw, sg = c["mpps"]["median"], c["secgw_mpps"]["median"]
+        # Sane, not fast: between 50 kpps and 200 Mpps, each from one run with counters that add up.
+        assert 0.05 < bitw < 200 and 0.05 < sg < 200, (case, bitw, sg)
+        assert abs(c["bitw_vs_secgw"] - bitw / sg) < 1e-9, case
+        assert 0.01 < c["pct_of_limit"] < 1.3, (case, c["pct_of_limit"])
+        (run,) = c["secgw_raw"]
+        assert run["window_seconds"] > 0.5 and run["tx_packets_window"] > 0, (case, run)
+        assert not run["problems"], (case, run["problems"])
+    # The raw AEAD limit beside them.
+    assert any(k.startswith("aes128gcm16/ring/") for k in res["aead"]), sorted(res["aead"])
+    assert "ipsec-secgw Mpps" in p.stdout and "bitw / secgw" in p.stdout, p.stdout[-2000:]
