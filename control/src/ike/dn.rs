@@ -1,6 +1,6 @@
 //! Distinguished names compared by meaning, not by bytes (ID_DER_ASN1_DN
 //! identities against the configured one and against a certificate's
-//! subject).
+//! subject), and written from strongSwan's text form ([`from_text`]).
 //!
 //! A DER `Name` is read as its RDN sequence: each RDN a set of (attribute
 //! type OID, value). Two DNs match when (RFC 5280 §7.1):
@@ -48,6 +48,87 @@ const TAG_T61: u8 = 0x14;
 const TAG_IA5: u8 = 0x16;
 const TAG_UNIVERSAL: u8 = 0x1c;
 const TAG_BMP: u8 = 0x1e;
+
+/// Attribute names strongSwan and openssl write, with their OIDs (DER body).
+const ATTRIBUTES: &[(&str, &[u8])] = &[
+    ("C", &[0x55, 0x04, 0x06]),
+    ("ST", &[0x55, 0x04, 0x08]),
+    ("L", &[0x55, 0x04, 0x07]),
+    ("O", &[0x55, 0x04, 0x0a]),
+    ("OU", &[0x55, 0x04, 0x0b]),
+    ("CN", &[0x55, 0x04, 0x03]),
+    ("SN", &[0x55, 0x04, 0x04]),
+    ("serialNumber", &[0x55, 0x04, 0x05]),
+    ("title", &[0x55, 0x04, 0x0c]),
+    ("GN", &[0x55, 0x04, 0x2a]),
+    ("E", &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01]),
+    (
+        "emailAddress",
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01],
+    ),
+    (
+        "DC",
+        &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19],
+    ),
+];
+
+fn der(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    let n = body.len();
+    if n < 0x80 {
+        v.push(n as u8);
+    } else {
+        let bytes: Vec<u8> = n
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        v.push(0x80 | bytes.len() as u8);
+        v.extend_from_slice(&bytes);
+    }
+    v.extend_from_slice(body);
+    v
+}
+
+/// The DER of a DN written `C=CH, O=Example, CN=meter` (`,` or `/`
+/// separated; one attribute per RDN, in the order written).
+pub fn from_text(text: &str) -> Result<Vec<u8>, String> {
+    let text = text.trim().trim_start_matches('/');
+    let sep = if text.contains(',') { ',' } else { '/' };
+    let mut rdns = Vec::new();
+    for part in text.split(sep).map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` in the DN is not attribute=value"))?;
+        let (key, value) = (key.trim(), value.trim());
+        let oid = ATTRIBUTES
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, o)| *o)
+            .ok_or_else(|| {
+                format!(
+                    "unknown DN attribute `{key}` (known: {})",
+                    ATTRIBUTES
+                        .iter()
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        let tag = match key.to_ascii_uppercase().as_str() {
+            "C" => TAG_PRINTABLE,
+            "E" | "EMAILADDRESS" | "DC" => TAG_IA5,
+            _ => TAG_UTF8,
+        };
+        let mut atv = der(TAG_OID, oid);
+        atv.extend(der(tag, value.as_bytes()));
+        rdns.extend(der(TAG_SET, &der(TAG_SEQUENCE, &atv)));
+    }
+    if rdns.is_empty() {
+        return Err("empty distinguished name".into());
+    }
+    Ok(der(TAG_SEQUENCE, &rdns))
+}
 
 /// Whether two DER-encoded Names are the same name (see the module
 /// documentation). Malformed input matches nothing.
@@ -200,6 +281,22 @@ fn prepare(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dn_matches_openssls_encoding() {
+        // openssl req -subj "/C=CH/O=bitw/CN=meter" writes exactly this subject.
+        let der = from_text("C=CH, O=bitw, CN=meter").unwrap();
+        assert_eq!(
+            hex::encode(&der),
+            "302c310b3009060355040613024348310d300b060355040a0c0462697477\
+             310e300c06035504030c056d65746572"
+        );
+        assert_eq!(from_text("/C=CH/O=bitw/CN=meter").unwrap(), der);
+        assert!(from_text("C=CH, XX=1")
+            .unwrap_err()
+            .contains("unknown DN attribute"));
+        assert!(from_text("garbage").is_err());
+    }
 
     fn der(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];

@@ -257,7 +257,8 @@ pub struct Proxy {
     next_ike: u64,
     /// (SPIi, SPIr) → IKE SA; an initiator's first pair has SPIr 0.
     routes: HashMap<(u64, u64), u64>,
-    /// Responders before they answered: (peer address, SPIi).
+    /// Responders until IKE_AUTH: (peer address, SPIi). Also the count of
+    /// half-open SAs that cookies and the limit go by.
     half_open: HashMap<(IpAddr, u64), u64>,
     cookies: CookieJar,
     spis: SharedSpis,
@@ -408,11 +409,12 @@ impl Proxy {
                 "reload: connection `{}` changed or was removed: deleting IKE SA #{id}",
                 self.conns[conn].cfg.name
             );
-            let sent = self.ikes.get_mut(&id).is_some_and(|k| k.sa.delete(now));
+            if let Some(k) = self.ikes.get_mut(&id) {
+                k.sa.delete(now);
+            }
             self.drain(now, id);
             // Its Child SAs go now; the Delete needs no answer to matter.
-            self.close(now, id, conn, "connection changed by a reload");
-            let _ = sent;
+            self.close(id, conn, "connection changed by a reload");
         }
         for ike in self.ikes.values_mut() {
             ike.conn = remap[&ike.conn];
@@ -556,11 +558,7 @@ impl Proxy {
             );
         };
         // Responders that answered IKE_SA_INIT and wait for IKE_AUTH.
-        let half_open = self
-            .ikes
-            .values()
-            .filter(|k| !k.initiator && k.established.is_none())
-            .count();
+        let half_open = self.half_open.len();
         if half_open >= MAX_HALF_OPEN {
             return self.reject(
                 now,
@@ -756,7 +754,7 @@ impl Proxy {
                 if !ike.sa.delete(now) {
                     // Not established: nothing to tell the peer.
                     let conn = ike.conn;
-                    self.close(now, *id, conn, "terminated by the administrator");
+                    self.close(*id, conn, "terminated by the administrator");
                     continue;
                 }
             }
@@ -964,7 +962,7 @@ impl Proxy {
         let closed = self.ikes.get(&id).is_some_and(|k| k.sa.is_closed());
         if closed {
             let conn = self.ikes[&id].conn;
-            self.close(now, id, conn, "closed");
+            self.close(id, conn, "closed");
         }
     }
 
@@ -1035,7 +1033,7 @@ impl Proxy {
                     ike.sa.create_child(now, &child);
                 }
                 if initial_contact {
-                    self.initial_contact(now, id, conn);
+                    self.initial_contact(id, conn);
                 }
             }
             IkeEvent::ChildSaEstablished(child) => self.child_up(now, id, child),
@@ -1099,7 +1097,7 @@ impl Proxy {
 
     /// The peer holds no other IKE SA with this terminal: older ones of the
     /// connection are stale (RFC 7296 §2.4).
-    fn initial_contact(&mut self, now: Instant, id: u64, conn: usize) {
+    fn initial_contact(&mut self, id: u64, conn: usize) {
         let stale: Vec<u64> = self
             .ikes
             .iter()
@@ -1108,7 +1106,7 @@ impl Proxy {
             .collect();
         for s in stale {
             info!("IKE SA #{s}: the peer sent INITIAL_CONTACT on #{id}, so #{s} is stale and goes");
-            self.close(now, s, conn, "replaced after INITIAL_CONTACT");
+            self.close(s, conn, "replaced after INITIAL_CONTACT");
         }
     }
 
@@ -1157,27 +1155,22 @@ impl Proxy {
             origin: Origin::Ike,
             policy: None,
         };
+        // The inbound SA mirrors the outbound one.
         let inb = SaSpec {
             name: inbound_sa_name(&out_name, child.inbound_spi),
             direction: Direction::In,
             spi: child.inbound_spi,
-            mode: mode.into(),
-            tunnel_src: tunnel.then_some(remote),
-            tunnel_dst: tunnel.then_some(local),
-            encap: encap.into(),
+            tunnel_src: out.tunnel_dst,
+            tunnel_dst: out.tunnel_src,
             // Inbound ESP-in-UDP is recognised by its destination port: ours.
             udp_sport: dport,
             udp_dport: sport,
-            aead: child.aead.name().into(),
             key: hex_key(&child.inbound_keys),
-            esn: child.esn,
             replay_window: cchild.replay_window,
-            lifetime_packets: limits(cchild.rekey_packets, cchild.life_packets),
-            lifetime_bytes: limits(cchild.rekey_bytes, cchild.life_bytes),
-            origin: Origin::Ike,
             // The child's inbound rules name `connection/child`: every inbound
             // SA of the child (old and new during a rekey) passes them.
             policy: Some(out_name.clone()),
+            ..out.clone()
         };
         info!(
             "IKE SA #{id}: Child SA `{out_name}` up: {mode}, {}, SPIs {:08x}_i {:08x}_o{}{}",
@@ -1315,7 +1308,7 @@ impl Proxy {
 
     /// Forgets an IKE SA; its Child SAs leave the dataplane, and acquires
     /// waiting on it fail.
-    fn close(&mut self, _now: Instant, id: u64, conn: usize, why: &str) {
+    fn close(&mut self, id: u64, conn: usize, why: &str) {
         let Some(ike) = self.ikes.remove(&id) else {
             return;
         };

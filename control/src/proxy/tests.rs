@@ -13,7 +13,7 @@ use bitw_common::rules::Direction;
 use rand_core::OsRng;
 
 use super::{engine_config, Action, Proxy};
-use crate::ike::sa::{Datagram, IkeEvent, IkeSa, RandomSpis};
+use crate::ike::sa::{Config as IkeConfig, Datagram, IkeEvent, IkeSa, RandomSpis};
 
 const T: &str = "10.99.0.1";
 const C: &str = "10.99.0.2";
@@ -57,6 +57,19 @@ fn datagram_of(packet: &[u8]) -> Datagram {
     Datagram { src, dst, payload }
 }
 
+/// The counterpart: an engine initiating child `data` to the terminal.
+fn counterpart(now: Instant, cfg: &IkeConfig) -> IkeSa {
+    IkeSa::initiate(
+        now,
+        cfg.clone(),
+        "data",
+        format!("{C}:500").parse().unwrap(),
+        format!("{T}:500").parse().unwrap(),
+        Box::new(OsRng),
+        Box::new(RandomSpis(OsRng)),
+    )
+}
+
 fn punt(d: &Datagram) -> Punt {
     Punt {
         port: PortName::Outside,
@@ -80,15 +93,7 @@ fn answers_as_the_terminal_and_holds_its_answer_until_the_sa_is_installed() {
     let mut proxy = Proxy::new(&ours).unwrap();
     let now = Instant::now();
     let peer_cfg = engine_config(&theirs, 0, &theirs.connections[0]).unwrap();
-    let mut peer = IkeSa::initiate(
-        now,
-        peer_cfg,
-        "data",
-        format!("{C}:500").parse().unwrap(),
-        format!("{T}:500").parse().unwrap(),
-        Box::new(OsRng),
-        Box::new(RandomSpis(OsRng)),
-    );
+    let mut peer = counterpart(now, &peer_cfg);
     let mut changes = Vec::new();
     let mut peer_child = None;
     let deliver = |peer: &mut IkeSa, packet: &[u8]| {
@@ -207,30 +212,14 @@ fn half_open_pile_up_asks_for_cookies_and_a_returning_initiator_gets_in() {
     let now = Instant::now();
     let peer_cfg = engine_config(&theirs, 0, &theirs.connections[0]).unwrap();
     let start = |proxy: &mut Proxy| {
-        let mut peer = IkeSa::initiate(
-            now,
-            peer_cfg.clone(),
-            "data",
-            format!("{C}:500").parse().unwrap(),
-            format!("{T}:500").parse().unwrap(),
-            Box::new(OsRng),
-            Box::new(RandomSpis(OsRng)),
-        );
+        let mut peer = counterpart(now, &peer_cfg);
         let d = peer.poll_transmit().unwrap();
         proxy.punt(now, &punt(&d));
         peer
     };
     // A repeated IKE_SA_INIT (our answer lost) is answered again by the
     // same responder, not by a second one.
-    let mut first = IkeSa::initiate(
-        now,
-        peer_cfg.clone(),
-        "data",
-        format!("{C}:500").parse().unwrap(),
-        format!("{T}:500").parse().unwrap(),
-        Box::new(OsRng),
-        Box::new(RandomSpis(OsRng)),
-    );
+    let mut first = counterpart(now, &peer_cfg);
     let init = first.poll_transmit().unwrap();
     proxy.punt(now, &punt(&init));
     proxy.punt(now, &punt(&init));
