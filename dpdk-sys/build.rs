@@ -116,4 +116,41 @@ fn main() {
     bindings
         .write_to_file(&out)
         .expect("could not write DPDK bindings");
+
+    ipsec_mb_bindings();
+}
+
+/// intel-ipsec-mb (Debian `libipsec-mb-dev`), the AES-GCM library DPDK's
+/// `crypto_aesni_gcm` PMD wraps: bitw calls its direct GCM API on the packet
+/// path. Only the manager, the GCM key/context structs and the few functions
+/// that set them up are bound; the GCM functions themselves are reached through
+/// the manager's function pointers (the `IMB_AES128_GCM_*` macros do the same).
+fn ipsec_mb_bindings() {
+    const HEADER: &str = "/usr/include/intel-ipsec-mb.h";
+    println!("cargo:rerun-if-changed={HEADER}");
+    if !std::path::Path::new(HEADER).exists() {
+        panic!(
+            "\n\n{HEADER} is missing. On Debian 12 install it with:\n\
+             \x20   apt-get install -y libipsec-mb-dev\n\
+             (or run scripts/setup-debian.sh).\n"
+        );
+    }
+    println!("cargo:rustc-link-lib=IPSec_MB");
+    let bindings = bindgen::Builder::default()
+        .header(HEADER)
+        .default_enum_style(bindgen::EnumVariation::Consts)
+        .prepend_enum_name(false)
+        .derive_default(true)
+        .layout_tests(true)
+        .generate_comments(false)
+        .allowlist_function("alloc_mb_mgr|free_mb_mgr|init_mb_mgr_auto|imb_get_errno|imb_get_strerror|imb_get_version_str")
+        .allowlist_type("IMB_MGR|IMB_ARCH|gcm_key_data|gcm_context_data")
+        .allowlist_var("IMB_FEATURE_.*|IMB_VERSION_STR|IMB_ARCH_.*")
+        .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
+        .generate()
+        .expect("bindgen could not generate intel-ipsec-mb bindings");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("ipsec_mb.rs");
+    bindings
+        .write_to_file(&out)
+        .expect("could not write intel-ipsec-mb bindings");
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """ESP benchmark: bitw-dataplane's encrypt and decrypt rate on one worker, side by side with DPDK's
-ipsec-secgw (same core, pcaps and SA; AES-128-GCM) and next to the raw AEAD rate of ring on the same
-core (the per-core limit).
+ipsec-secgw (same core, pcaps and SA; AES-128-GCM) and next to the raw AEAD rate of bitw's own
+crypto library on the same core (the per-core limit; intel-ipsec-mb and ring are both measured).
 
     python3 perf/esp.py                  # 5 rounds x 5 s per case (~13 min)
     python3 perf/esp.py --quick          # smoke: 1 run x 1 s, 64 and 1420 bytes (~35 s), not saved
@@ -57,6 +57,8 @@ SIZES = {
     "imix": [60, 590, 60, 60, 590, 60, 1514, 60, 590, 60, 60, 590],
 }
 SIZE_ORDER = ["64", "128", "512", "1420", "imix"]
+# The libraries bitw can seal with (bitw-aead-bench's names); `dataplane.crypto` picks one.
+AEAD_LIBRARIES = ["intel-ipsec-mb", "ring"]
 # Frames per pcap: 256 flows (as perf/forwarding.py), or 21 IMIX patterns.
 PCAP_FRAMES = {"imix": 252}
 DEFAULT_PCAP_FRAMES = 256
@@ -177,7 +179,7 @@ def _toml(v):
     return fw.toml_str(v)
 
 
-def esp_config(path, prefix, core, inside, outside, policy, sa):
+def esp_config(path, prefix, core, inside, outside, policy, sa, crypto="auto"):
     """One worker, one protect rule, one SA; everything else as perf/forwarding.py's runs."""
     lines = [
         "[eal]",
@@ -191,6 +193,7 @@ def esp_config(path, prefix, core, inside, outside, policy, sa):
         "tx_descriptors = %d" % fw.DESCRIPTORS,
         "mbufs = %d" % fw.MBUFS,
         'default_action = "discard"',
+        "crypto = %s" % fw.toml_str(crypto),
         "",
         "[ports.inside]",
         "device = %s" % fw.toml_str(inside),
@@ -245,7 +248,7 @@ class EspBench(fw.Bench):
         """Runs bitw once; returns its JSON summary (RuntimeError if it fails)."""
         a = self.args
         cfg = os.path.join(self.tmp, "bitw-%d.toml" % (self.n + 1))
-        esp_config(cfg, self.prefix("esp"), a.core, inside, outside, policy, sa)
+        esp_config(cfg, self.prefix("esp"), a.core, inside, outside, policy, sa, a.crypto)
         cmd = [a.bitw, "--config", cfg, "--run-for", "%g" % seconds]
         if perf_data:
             # -D: start sampling after EAL init and port setup (~0.3 s), so that the profile is
@@ -275,6 +278,7 @@ class EspBench(fw.Bench):
         s = self.bitw(inside, outside, policy, sa, a.seconds)
         r = check_summary(direction, s, tr, a.seconds)
         r["dpdk"] = s.get("dpdk")
+        r["crypto"] = s.get("crypto", "ring")
         return r
 
     def run_secgw(self, case, tr, keys):
@@ -308,7 +312,8 @@ class EspBench(fw.Bench):
             if line.startswith("{"):
                 d = json.loads(line)
                 rates["%s/%s/%d" % (d["aead"], d["library"], d["bytes"])] = d["runs"]
-        want = len(sizes) * 6
+        # Per size: ring and RustCrypto for each of the 3 AEADs, intel-ipsec-mb for the 2 AES-GCMs.
+        want = len(sizes) * 8
         if len(rates) != want:
             problems.append("aead-bench: %d results, expected %d" % (len(rates), want))
         for k, v in rates.items():
@@ -533,6 +538,8 @@ def _category(dso, kind, sym):
         return "kernel"
     if "ring" in sym and ("ring::" in sym or sym.startswith("ring_core")):
         return "AEAD (ring)"
+    if "IPSec_MB" in dso:
+        return "AEAD (intel-ipsec-mb)"
     if "net_pcap" in dso:
         return "PMD net_pcap (RX: copy from the capture)"
     if "net_null" in dso:
@@ -588,10 +595,19 @@ def profile(bench, cases, traffics, keys, seconds):
 # ---------------------------------------------------------------------------- report
 
 
-def aead_limit(rates, aead, tr):
-    """ring's Mops for this traffic: per frame of the pattern, the rate at its ESP plaintext size;
-    for a mix, frames per second if every frame cost 1/rate (the harmonic mean)."""
-    per = [rates.get("%s/ring/%d" % (aead, esp_plaintext(f))) for f in tr.pattern]
+def bitw_library(aead, crypto):
+    """The aead-bench library name of what bitw used for this AEAD: its summary's `crypto`
+    ("intel-ipsec-mb 1.3.0 (avx512, VAES)" or "ring"); ChaCha20-Poly1305 is always ring."""
+    if aead != "chacha20poly1305" and crypto.startswith("intel-ipsec-mb"):
+        return "intel-ipsec-mb"
+    return "ring"
+
+
+def aead_limit(rates, aead, tr, lib):
+    """The Mops of `lib` (bitw's own backend) for this traffic: per frame of the pattern, the rate
+    at its ESP plaintext size; for a mix, frames per second if every frame cost 1/rate (the
+    harmonic mean)."""
+    per = [rates.get("%s/%s/%d" % (aead, lib, esp_plaintext(f))) for f in tr.pattern]
     if any(x is None for x in per):
         return None
     return len(per) / sum(1 / x for x in per)
@@ -622,7 +638,8 @@ def render(res):
         "**Mpps** = ESP packets encrypted (`esp_encrypted`) or decrypted (`esp_decrypted`) per second "
         "of `duration_seconds`; **Gbps** = the plaintext frames' bits per second, frames counted with "
         "their 4-byte FCS (RFC 2544); **ESP plaintext** = inner IP packet + padding + 2 bytes, what the "
-        "AEAD encrypts; **AEAD limit** = ring sealing that many bytes on the same core "
+        "AEAD encrypts; **AEAD limit** = bitw's own AEAD library (column *lib*: intel-ipsec-mb for AES-GCM "
+        "with `dataplane.crypto = \"auto\"`, ring for ChaCha20-Poly1305) sealing that many bytes on the same core "
         "(bitw-aead-bench, median (min–max) of all its runs in all rounds; for IMIX the mix's harmonic "
         "rate); **%% of limit** = bitw Mpps / AEAD Mops (medians)."
         % (a["core"], LOCAL_GW, PEER_GW, a["runs"], a["seconds"])
@@ -640,8 +657,8 @@ def render(res):
         out.append("")
     sg_head = " ipsec-secgw Mpps | bitw / secgw |" if sg_on else ""
     out.append("| AEAD | Direction | Frame bytes (incl. FCS) | ESP plaintext bytes | ESP frame bytes (incl. FCS) | bitw Mpps |"
-               + sg_head + " Gbps (plaintext) | ns/pkt | AEAD limit Mops (ring) | % of limit |")
-    out.append("|---|---|---|---:|---:|---:|" + ("---:|---:|" if sg_on else "") + "---:|---:|---:|---:|")
+               + sg_head + " Gbps (plaintext) | ns/pkt | lib | AEAD limit Mops | % of limit |")
+    out.append("|---|---|---|---:|---:|---:|" + ("---:|---:|" if sg_on else "") + "---:|---:|---|---:|---:|")
 
     def sg_cols(c):
         if not sg_on:
@@ -659,12 +676,12 @@ def render(res):
             continue
         tr_desc = c["frame_desc"]
         if "failed" in c:
-            out.append("| %s | %s | %s | | | failed: %s |%s | | | |" % (c["aead"], c["direction"], tr_desc, c["failed"],
+            out.append("| %s | %s | %s | | | failed: %s |%s | | | | |" % (c["aead"], c["direction"], tr_desc, c["failed"],
                                                                         " | |" if sg_on else ""))
             continue
-        out.append("| %s | %s | %s | %s | %s | %s |%s %.2f | %.1f | %s | **%s** |" % (
+        out.append("| %s | %s | %s | %s | %s | %s |%s %.2f | %.1f | %s | %s | **%s** |" % (
             c["aead"], c["direction"], tr_desc, c["esp_plaintext"], c["esp_frame"], fmt(c["mpps"]),
-            sg_cols(c), c["gbps"], c["ns_per_packet"],
+            sg_cols(c), c["gbps"], c["ns_per_packet"], c.get("aead_library", "?"),
             fmt_limit(c),
             "%.0f %%" % (100 * c["pct_of_limit"]) if c.get("pct_of_limit") else "–"))
     out.append("")
@@ -697,18 +714,20 @@ def render(res):
     if cmp_:
         out.append(
             "Raw AEAD seal on CPU %d (bitw-aead-bench: 8-byte AAD, in place, a new nonce per call; "
-            "median of %d run(s) of %d ms per case: %d per round): ring (bitw's library) against "
-            "the RustCrypto crates (`aes-gcm` 0.10, `chacha20poly1305` 0.10)."
+            "median of %d run(s) of %d ms per case: %d per round), Mops (Gbit/s of plaintext): the two "
+            "backends bitw can use (`dataplane.crypto`: intel-ipsec-mb through bitw's own wrapper, "
+            "AES-GCM only; ring) and, for reference, the RustCrypto crates (`aes-gcm` 0.10, "
+            "`chacha20poly1305` 0.10)."
             % (a["core"], a["runs"] * a["aead_runs"], a["aead_millis"], a["aead_runs"])
         )
         out.append("")
-        out.append("| AEAD | bytes | ring Mops | ring Gbit/s | RustCrypto Mops | RustCrypto Gbit/s | ring / RustCrypto |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        libs = AEAD_LIBRARIES + ["rustcrypto"]
+        out.append("| AEAD | bytes | " + " | ".join(libs) + " | intel-ipsec-mb / ring |")
+        out.append("|---|---:|" + "---:|" * (len(libs) + 1))
         for r in cmp_:
-            out.append("| %s | %d | %.2f | %.1f | %.2f | %.1f | %.2f× |" % (
-                r["aead"], r["bytes"], r["ring_mops"], r["ring_mops"] * r["bytes"] * 8 / 1e3,
-                r["rustcrypto_mops"], r["rustcrypto_mops"] * r["bytes"] * 8 / 1e3,
-                r["ring_mops"] / r["rustcrypto_mops"]))
+            cells = ["%.2f (%.1f)" % (r[l], r[l] * r["bytes"] * 8 / 1e3) if l in r else "–" for l in libs]
+            ratio = "%.2f×" % (r["intel-ipsec-mb"] / r["ring"]) if "intel-ipsec-mb" in r and "ring" in r else "–"
+            out.append("| %s | %d | %s | %s |" % (r["aead"], r["bytes"], " | ".join(cells), ratio))
         out.append("")
     prof = res.get("profile") or {}
     if prof:
@@ -809,6 +828,8 @@ def main():
     ap.add_argument("--other-sizes", default=None,
                     help="frame sizes of the other AEADs (default 64,1420; --quick: 64)")
     ap.add_argument("--no-replay", action="store_true", help="skip the replay-window-on runs")
+    ap.add_argument("--crypto", default="auto", choices=["auto", "intel-ipsec-mb", "ring"],
+                    help="bitw's dataplane.crypto (default auto: intel-ipsec-mb where it runs)")
     ap.add_argument("--no-secgw", dest="secgw", action="store_false",
                     help="skip DPDK's ipsec-secgw (by default it runs every %s encrypt and decrypt case "
                          "beside bitw)" % MAIN_AEAD)
@@ -1043,11 +1064,13 @@ def main():
         res["aead_compare"] = []
         for aead in AEADS:
             for b in compare:
-                ring = aead_med.get("%s/ring/%d" % (aead, b))
-                rc = aead_med.get("%s/%s/%d" % (aead, AEADS[aead][2], b))
-                if ring and rc:
-                    res["aead_compare"].append({"aead": aead, "bytes": b, "ring_mops": ring,
-                                                "rustcrypto": AEADS[aead][2], "rustcrypto_mops": rc})
+                row = {"aead": aead, "bytes": b}
+                for lib in AEAD_LIBRARIES + [AEADS[aead][2]]:
+                    m = aead_med.get("%s/%s/%d" % (aead, lib, b))
+                    if m:
+                        row["rustcrypto" if lib == AEADS[aead][2] else lib] = m
+                if len(row) > 2:
+                    res["aead_compare"].append(row)
 
         insane = []
         out_cases = []
@@ -1075,10 +1098,13 @@ def main():
                 c["decrypted_first_pass"] = statistics.median(r["esp_decrypted"] for r in runs[case])
                 c["replay_drops_median"] = statistics.median(r["replay_drops"] for r in runs[case])
             else:
-                lim = aead_limit(aead_med, aead, tr)
+                lib = bitw_library(aead, runs[case][0].get("crypto", "ring"))
+                c["crypto"] = runs[case][0].get("crypto", "ring")
+                c["aead_library"] = lib
+                lim = aead_limit(aead_med, aead, tr, lib)
                 c["aead_mops"] = lim
-                c["aead_mops_min_max"] = [aead_limit({k: v["min"] for k, v in res["aead"].items()}, aead, tr),
-                                          aead_limit({k: v["max"] for k, v in res["aead"].items()}, aead, tr)]
+                c["aead_mops_min_max"] = [aead_limit({k: v["min"] for k, v in res["aead"].items()}, aead, tr, lib),
+                                          aead_limit({k: v["max"] for k, v in res["aead"].items()}, aead, tr, lib)]
                 c["pct_of_limit"] = sm["median"] / lim if lim else None
                 if lim is None:
                     insane.append("%s %s %s: no AEAD figure" % (direction, aead, size_label(size)))

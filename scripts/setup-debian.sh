@@ -6,6 +6,8 @@ set -euo pipefail
 PACKAGES=(
   # DPDK 22.11: runtime, PMDs, headers, dpdk-testpmd, ipsec-secgw sources (perf)
   dpdk dpdk-dev libdpdk-dev dpdk-doc
+  # intel-ipsec-mb: the AES-GCM backend of the packet path (dpdk-sys links it)
+  libipsec-mb-dev
   # perf/secgw.py builds dpdk-doc's examples/ipsec-secgw with its Makefile (make and
   # pkg-config libdpdk, below) and runs it with crypto_aesni_gcm (intel-ipsec-mb)
   librte-crypto-ipsec-mb23

@@ -81,6 +81,33 @@ pub struct DataplaneConfig {
     pub drop_unknown_spi: bool,
     /// Packets a worker's inbox holds for SAs it owns (handed over by other workers).
     pub handoff_depth: usize,
+    /// The library that seals and opens AES-GCM on the packet path.
+    pub crypto: CryptoBackend,
+}
+
+/// `dataplane.crypto`: which library does AES-GCM on the packet path
+/// (ChaCha20-Poly1305 always uses ring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CryptoBackend {
+    /// intel-ipsec-mb when it runs on this CPU with AES-NI, else ring.
+    #[default]
+    Auto,
+    /// intel-ipsec-mb (Debian `libipsec-mb1`), DPDK's own AES-GCM library;
+    /// the dataplane refuses to start where it cannot use it.
+    IntelIpsecMb,
+    /// ring (BoringSSL's assembly).
+    Ring,
+}
+
+impl CryptoBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            CryptoBackend::Auto => "auto",
+            CryptoBackend::IntelIpsecMb => "intel-ipsec-mb",
+            CryptoBackend::Ring => "ring",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +405,7 @@ struct RawDataplane {
     mbufs: Option<Spanned<u32>>,
     flow_cache: Option<Spanned<usize>>,
     unknown_spi: Option<UnknownSpi>,
+    crypto: Option<CryptoBackend>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -581,6 +609,7 @@ impl Config {
             mbufs: None,
             flow_cache: None,
             unknown_spi: None,
+            crypto: None,
         });
         let workers = match rd.workers {
             Some(w) if *w.get_ref() == 0 || *w.get_ref() > 64 => {
@@ -689,6 +718,7 @@ impl Config {
             flow_cache,
             drop_unknown_spi: rd.unknown_spi != Some(UnknownSpi::Classify),
             handoff_depth: 4096,
+            crypto: rd.crypto.unwrap_or_default(),
             workers,
             burst,
             default_action: rd.default_action.unwrap_or(DefaultAction::Bypass),

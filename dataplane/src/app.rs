@@ -16,6 +16,7 @@ use crate::counters::{DropReason, WorkerCounters, WorkerSnapshot};
 use crate::ctl::{self, ControlTotals, Ctl, CtlSetup, Shared};
 use crate::dpdk::{self, Eal, Mempool, Port, PortSetup, PortStats};
 use crate::filter::{Direction, FilterTable};
+use crate::sa::{self, Backend};
 use crate::sadb::{SaChange, Sadb};
 use crate::snapshot::Published;
 use crate::worker::{Handoff, Worker};
@@ -79,6 +80,8 @@ const SA_SUMMARY_CAP: usize = 1000;
 pub struct Summary {
     pub version: &'static str,
     pub dpdk: String,
+    /// The AES-GCM library of the packet path (`dataplane.crypto`).
+    pub crypto: String,
     pub config: String,
     pub duration_seconds: f64,
     pub workers: Vec<WorkerSnapshot>,
@@ -302,6 +305,16 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
     };
     let inside = open("inside", &cfg.inside.device)?;
     let outside = open("outside", &cfg.outside.device)?;
+    // The AES-GCM library every SA of this process uses, before the first SA.
+    let crypto = Backend::resolve(cfg.dataplane.crypto).map_err(|e| Failure {
+        code: exit::CONFIG,
+        message: format!(
+            "{}: dataplane.crypto = \"{}\": {e} (\"auto\" falls back to ring)",
+            cfg.path.display(),
+            cfg.dataplane.crypto.name()
+        ),
+    })?;
+    sa::set_backend(crypto);
     let sadb = Arc::new(Sadb::new(w));
     sadb.apply(cfg.sas.iter().cloned().map(SaChange::Install).collect())
         .map_err(|e| Failure {
@@ -365,10 +378,11 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         cfg.control.socket
     );
     eprintln!(
-        "bitw-dataplane: forwarding with {w} worker(s) between inside ({}) and outside ({}); {} rules",
+        "bitw-dataplane: forwarding with {w} worker(s) between inside ({}) and outside ({}); {} rules; AES-GCM by {}",
         cfg.inside.device,
         cfg.outside.device,
-        cfg.policies.len()
+        cfg.policies.len(),
+        crypto.describe()
     );
     // The control thread is an ordinary thread (DPDK allows mbuf allocation
     // and ACL builds from it); scoped, so it ends before the pool and ports go.
@@ -469,6 +483,7 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
     let summary = Summary {
         version: env!("CARGO_PKG_VERSION"),
         dpdk: dpdk::version(),
+        crypto: crypto.describe(),
         config: cfg.path.display().to_string(),
         duration_seconds: duration.as_secs_f64(),
         rx_packets: workers

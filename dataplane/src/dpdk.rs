@@ -1179,6 +1179,210 @@ pub fn version() -> String {
         .into_owned()
 }
 
+// ---------------------------------------------------------------------------
+// intel-ipsec-mb: AES-GCM for the packet path.
+//
+// Invariants:
+// - The multi-buffer manager is only used once, to let the library pick the
+//   code for this CPU (`init_mb_mgr_auto`) and to read the GCM function
+//   pointers out of it; it is freed at once. The direct GCM functions take
+//   the key and a caller-provided context only, never the manager, so the
+//   pointers stay valid for the life of the process (the library stays loaded:
+//   it is linked, not dlopened).
+// - A [`GcmKey`] is immutable after `new` (the expanded key and GHASH powers);
+//   any number of threads may seal/open with it at once, each with its own
+//   `gcm_context_data` on its stack.
+// - Every call passes lengths of the slices it passes, an IV of exactly 12
+//   bytes (the library adds the 32-bit counter itself) and a 16-byte tag.
+
+use dpdk_sys::ipsec_mb as imb;
+
+type GcmFn = unsafe extern "C" fn(
+    *const imb::gcm_key_data,
+    *mut imb::gcm_context_data,
+    *mut u8,
+    *const u8,
+    u64,
+    *const u8,
+    *const u8,
+    u64,
+    *mut u8,
+    u64,
+);
+type GcmPreFn = unsafe extern "C" fn(*const c_void, *mut imb::gcm_key_data);
+
+/// The GCM entry points intel-ipsec-mb chose for this CPU.
+#[derive(Debug, Clone, Copy)]
+pub struct IpsecMb {
+    enc: [GcmFn; 2],
+    dec: [GcmFn; 2],
+    pre: [GcmPreFn; 2],
+    /// The code path the library picked (`sse`, `avx`, `avx2`, `avx512`), and
+    /// whether it has the vector AES/CLMUL instructions (its fastest GCM).
+    pub arch: &'static str,
+    pub vaes: bool,
+    pub aesni: bool,
+    pub version: &'static str,
+}
+
+static IPSEC_MB: std::sync::OnceLock<Result<IpsecMb, String>> = std::sync::OnceLock::new();
+
+impl IpsecMb {
+    /// The library, set up once per process; `Err` says why it cannot be used.
+    pub fn get() -> Result<&'static IpsecMb, String> {
+        IPSEC_MB
+            .get_or_init(Self::init)
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn init() -> Result<IpsecMb, String> {
+        // SAFETY: alloc/init/free of a manager as the library documents; the
+        // function pointers are copied out before the manager is freed (see
+        // the invariants above); the version string is static in the library.
+        unsafe {
+            let mgr = imb::alloc_mb_mgr(0);
+            if mgr.is_null() {
+                return Err("intel-ipsec-mb: alloc_mb_mgr failed".into());
+            }
+            let mut arch: imb::IMB_ARCH = imb::IMB_ARCH_NONE;
+            imb::init_mb_mgr_auto(mgr, &mut arch);
+            let errno = imb::imb_get_errno(mgr);
+            let m = &*mgr;
+            let fns = (
+                m.gcm128_enc,
+                m.gcm256_enc,
+                m.gcm128_dec,
+                m.gcm256_dec,
+                m.gcm128_pre,
+                m.gcm256_pre,
+            );
+            let features = m.features;
+            imb::free_mb_mgr(mgr);
+            if errno != 0 {
+                let msg = CStr::from_ptr(imb::imb_get_strerror(errno));
+                return Err(format!("intel-ipsec-mb: {}", msg.to_string_lossy()));
+            }
+            let (Some(e128), Some(e256), Some(d128), Some(d256), Some(p128), Some(p256)) = fns
+            else {
+                return Err("intel-ipsec-mb: no AES-GCM functions for this CPU".into());
+            };
+            let arch = match arch {
+                imb::IMB_ARCH_NOAESNI => "noaesni",
+                imb::IMB_ARCH_SSE => "sse",
+                imb::IMB_ARCH_AVX => "avx",
+                imb::IMB_ARCH_AVX2 => "avx2",
+                imb::IMB_ARCH_AVX512 => "avx512",
+                _ => "unknown",
+            };
+            let version = CStr::from_ptr(imb::imb_get_version_str())
+                .to_str()
+                .unwrap_or("?");
+            let has = |f: u32| features & f as u64 != 0;
+            Ok(IpsecMb {
+                enc: [e128, e256],
+                dec: [d128, d256],
+                pre: [p128, p256],
+                arch,
+                vaes: has(imb::IMB_FEATURE_VAES) && has(imb::IMB_FEATURE_VPCLMULQDQ),
+                aesni: has(imb::IMB_FEATURE_AESNI) && arch != "noaesni",
+                version,
+            })
+        }
+    }
+}
+
+/// An AES-GCM key (128 or 256 bits) expanded for intel-ipsec-mb: round keys
+/// and GHASH powers, about 1 KiB, on its own cache lines. Zeroed on drop.
+#[repr(C, align(64))]
+pub struct GcmKey {
+    data: imb::gcm_key_data,
+    enc: GcmFn,
+    dec: GcmFn,
+}
+
+impl GcmKey {
+    /// `None` when the key is neither 16 nor 32 bytes.
+    pub fn new(lib: &IpsecMb, key: &[u8]) -> Option<GcmKey> {
+        let which = match key.len() {
+            16 => 0,
+            32 => 1,
+            _ => return None,
+        };
+        let mut k = GcmKey {
+            data: imb::gcm_key_data::default(),
+            enc: lib.enc[which],
+            dec: lib.dec[which],
+        };
+        // SAFETY: `pre` reads key.len() bytes (the length picks 128 or 256)
+        // and writes the whole gcm_key_data we own.
+        unsafe { (lib.pre[which])(key.as_ptr().cast(), &mut k.data) };
+        Some(k)
+    }
+
+    /// Encrypts `data` in place and returns the tag.
+    #[inline]
+    pub fn seal(&self, iv: &[u8; 12], aad: &[u8], data: &mut [u8]) -> [u8; 16] {
+        let mut tag = [0u8; 16];
+        let mut ctx = imb::gcm_context_data::default();
+        // SAFETY: in place (out == in) is supported; every pointer comes with
+        // its slice's length; the IV is 12 bytes and the tag 16 (invariants).
+        unsafe {
+            (self.enc)(
+                &self.data,
+                &mut ctx,
+                data.as_mut_ptr(),
+                data.as_ptr(),
+                data.len() as u64,
+                iv.as_ptr(),
+                aad.as_ptr(),
+                aad.len() as u64,
+                tag.as_mut_ptr(),
+                16,
+            )
+        };
+        tag
+    }
+
+    /// Decrypts `data` in place and checks `tag`; on a mismatch the buffer is
+    /// zeroed (no unauthenticated plaintext is left) and `false` returned.
+    #[inline]
+    pub fn open(&self, iv: &[u8; 12], aad: &[u8], data: &mut [u8], tag: &[u8; 16]) -> bool {
+        let mut computed = [0u8; 16];
+        let mut ctx = imb::gcm_context_data::default();
+        // SAFETY: as in `seal`.
+        unsafe {
+            (self.dec)(
+                &self.data,
+                &mut ctx,
+                data.as_mut_ptr(),
+                data.as_ptr(),
+                data.len() as u64,
+                iv.as_ptr(),
+                aad.as_ptr(),
+                aad.len() as u64,
+                computed.as_mut_ptr(),
+                16,
+            )
+        };
+        // Constant time: every byte is compared whatever the first difference.
+        let diff = computed.iter().zip(tag).fold(0u8, |d, (a, b)| d | (a ^ b));
+        if std::hint::black_box(diff) != 0 {
+            data.fill(0);
+            return false;
+        }
+        true
+    }
+}
+
+impl Drop for GcmKey {
+    fn drop(&mut self) {
+        // SAFETY: a volatile write of a plain-data value into our own field,
+        // so the key schedule does not outlive the SA in memory.
+        unsafe { ptr::write_volatile(&mut self.data, imb::gcm_key_data::default()) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

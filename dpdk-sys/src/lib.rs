@@ -9,3 +9,9 @@
 #![allow(missing_docs, unsafe_op_in_unsafe_fn, improper_ctypes)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+
+/// intel-ipsec-mb (`libIPSec_MB`): its multi-buffer manager and the structs of
+/// its direct AES-GCM API. Wrapped, like DPDK, in `dataplane::dpdk`.
+pub mod ipsec_mb {
+    include!(concat!(env!("OUT_DIR"), "/ipsec_mb.rs"));
+}

@@ -1,5 +1,6 @@
-//! Raw AEAD seal rate on one pinned core, the per-core limit of ESP: ring (what
-//! bitw uses on the packet path) next to the RustCrypto crates, for the ESP
+//! Raw AEAD seal rate on one pinned core, the per-core limit of ESP: the two
+//! backends bitw can use on the packet path (intel-ipsec-mb for AES-GCM, ring)
+//! next to the RustCrypto crates, for the ESP
 //! payload sizes of the perf runs. Each case runs `--runs` times for
 //! `--millis`; the median goes to stdout as JSON lines and a table on stderr.
 //!
@@ -9,11 +10,12 @@
 use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
+use bitw_dataplane::dpdk::{GcmKey, IpsecMb};
 use clap::Parser;
 use ring::aead;
 
 #[derive(Parser)]
-#[command(about = "Raw AEAD seal rate per core: ring vs RustCrypto")]
+#[command(about = "Raw AEAD seal rate per core: ring, intel-ipsec-mb, RustCrypto")]
 struct Cli {
     /// CPU to pin to.
     #[arg(long, default_value_t = 1)]
@@ -88,7 +90,17 @@ fn main() {
             }) as Seal
         }};
     }
-    let cases: Vec<Case> = vec![
+    // intel-ipsec-mb through the dataplane's own wrapper: the code bitw runs.
+    let imb_seal = |klen: usize| -> Seal {
+        let lib = IpsecMb::get().expect("intel-ipsec-mb");
+        let key = GcmKey::new(lib, &KEY32[..klen]).unwrap();
+        Box::new(move |n, buf| {
+            let mut iv = [0u8; 12];
+            iv[4..].copy_from_slice(&n.to_be_bytes());
+            std::hint::black_box(key.seal(&iv, &AAD, buf)[0]);
+        })
+    };
+    let mut cases: Vec<Case> = vec![
         (
             "aes128gcm16",
             "ring",
@@ -120,6 +132,37 @@ fn main() {
             Box::new(move || rustcrypto!(chacha20poly1305::ChaCha20Poly1305, 32)),
         ),
     ];
+    match IpsecMb::get() {
+        Ok(lib) => {
+            eprintln!(
+                "intel-ipsec-mb {}: {} code path{}",
+                lib.version,
+                lib.arch,
+                if lib.vaes {
+                    " with VAES/VPCLMULQDQ"
+                } else {
+                    ""
+                }
+            );
+            cases.insert(
+                1,
+                (
+                    "aes128gcm16",
+                    "intel-ipsec-mb",
+                    Box::new(move || imb_seal(16)),
+                ),
+            );
+            cases.insert(
+                4,
+                (
+                    "aes256gcm16",
+                    "intel-ipsec-mb",
+                    Box::new(move || imb_seal(32)),
+                ),
+            );
+        }
+        Err(e) => eprintln!("intel-ipsec-mb not measured: {e}"),
+    }
     eprintln!(
         "{:<18} {:<18} {:>6} {:>10} {:>10}",
         "aead", "library", "bytes", "Mops", "Gbit/s"
