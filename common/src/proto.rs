@@ -878,6 +878,47 @@ pub struct WorkerStats {
     /// bursts / burst size).
     pub rx_bursts: u64,
     pub rx_burst_packets: u64,
+    /// RX-to-TX latency through this worker (absent from older dataplanes).
+    #[serde(default)]
+    pub latency: LatencyStats,
+}
+
+/// Upper bounds (ns) of the latency histogram's buckets, besides +Inf.
+pub const LATENCY_BUCKETS_NS: [u64; 12] = [
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+];
+
+/// One worker's per-packet latency from the RX burst that received a packet
+/// to the TX burst that sent it (dataplane `latency` module), in nanoseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    /// Since the worker started: packets recorded and their latencies' sum.
+    pub packets: u64,
+    pub sum_ns: u64,
+    /// Since the worker started.
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+    /// The last second or so.
+    pub recent_p50_ns: u64,
+    pub recent_p99_ns: u64,
+    pub recent_p999_ns: u64,
+    pub recent_max_ns: u64,
+    /// Packets at or under each bound of [`LATENCY_BUCKETS_NS`], since start
+    /// (cumulative, like Prometheus buckets).
+    pub buckets: Vec<u64>,
 }
 
 /// Per-SA counters.

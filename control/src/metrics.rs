@@ -25,7 +25,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use bitw_common::proto::{Stats, PROTOCOL_VERSION};
+use bitw_common::proto::{Stats, LATENCY_BUCKETS_NS, PROTOCOL_VERSION};
 
 /// Histogram buckets for round trips: 50 µs to 1 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -288,8 +288,20 @@ impl Metrics {
 
 /// Name, help, type and label names of every family the collector writes.
 const FAMILIES: &[(&str, &str, MetricType, &[&str])] = {
-    use MetricType::{COUNTER as C, GAUGE as G, SUMMARY as S};
+    use MetricType::{COUNTER as C, GAUGE as G, HISTOGRAM as H, SUMMARY as S};
     &[
+        (
+            "bitw_worker_latency_seconds",
+            "Per-packet latency through a worker, from the RX burst that received it to the TX burst that sent it",
+            H,
+            &["worker"],
+        ),
+        (
+            "bitw_worker_latency_quantile_seconds",
+            "RX-to-TX latency quantiles of a worker over the last second (HDR histogram in the worker)",
+            S,
+            &["worker"],
+        ),
         // Summaries, not gauges: promtool refuses a `quantile` label on
         // anything else. Same series names; `_sum`/`_count` come with them.
         (
@@ -547,13 +559,51 @@ struct Out {
 }
 
 impl Out {
-    /// A summary: windowed quantiles with the cumulative count and sum.
-    fn summary(&mut self, name: &'static str, quantiles: &[(f64, f64)], count: u64, sum: f64) {
+    /// The family `name` (help from FAMILIES), created with type `ty` on first use.
+    fn family(&mut self, name: &'static str, ty: MetricType) -> &mut MetricFamily {
         let help = FAMILIES.iter().find(|f| f.0 == name).map_or("", |f| f.1);
-        let mut mf = MetricFamily::default();
-        mf.set_name(name.to_string());
-        mf.set_help(help.to_string());
-        mf.set_field_type(MetricType::SUMMARY);
+        debug_assert!(
+            FAMILIES.iter().any(|f| f.0 == name),
+            "unlisted family {name}"
+        );
+        self.families.entry(name).or_insert_with(|| {
+            let mut mf = MetricFamily::default();
+            mf.set_name(name.to_string());
+            mf.set_help(help.to_string());
+            mf.set_field_type(ty);
+            mf
+        })
+    }
+
+    /// A metric with these labels, sorted by name as the prometheus crate's
+    /// own vectors write them.
+    fn metric(labels: &[(&str, &str)]) -> proto::Metric {
+        let mut m = proto::Metric::default();
+        let mut labels = labels.to_vec();
+        labels.sort_by_key(|l| l.0);
+        m.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = proto::LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        m
+    }
+
+    /// A summary: windowed quantiles with the cumulative count and sum.
+    fn summary(
+        &mut self,
+        name: &'static str,
+        labels: &[(&str, &str)],
+        quantiles: &[(f64, f64)],
+        count: u64,
+        sum: f64,
+    ) {
         let mut sm = proto::Summary::default();
         sm.set_sample_count(count);
         sm.set_sample_sum(sum);
@@ -568,40 +618,48 @@ impl Out {
                 })
                 .collect(),
         );
-        let mut m = proto::Metric::default();
+        let mut m = Self::metric(labels);
         m.set_summary(sm);
-        mf.mut_metric().push(m);
-        self.families.insert(name, mf);
+        self.family(name, MetricType::SUMMARY).mut_metric().push(m);
     }
 
-    fn add(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
-        let Some((_, help, ty, _)) = FAMILIES.iter().find(|f| f.0 == name) else {
-            debug_assert!(false, "unlisted family {name}");
-            return;
-        };
-        let mf = self.families.entry(name).or_insert_with(|| {
-            let mut mf = MetricFamily::default();
-            mf.set_name(name.to_string());
-            mf.set_help(help.to_string());
-            mf.set_field_type(*ty);
-            mf
-        });
-        let mut m = proto::Metric::default();
-        // Sorted by name, as the prometheus crate's own vectors write them.
-        let mut labels = labels.to_vec();
-        labels.sort_by_key(|l| l.0);
-        m.set_label(
-            labels
+    /// A histogram from cumulative bucket counts (upper bound, count).
+    fn histogram(
+        &mut self,
+        name: &'static str,
+        labels: &[(&str, &str)],
+        buckets: &[(f64, u64)],
+        count: u64,
+        sum: f64,
+    ) {
+        let mut h = proto::Histogram::default();
+        h.set_sample_count(count);
+        h.set_sample_sum(sum);
+        h.set_bucket(
+            buckets
                 .iter()
-                .map(|(k, v)| {
-                    let mut l = proto::LabelPair::default();
-                    l.set_name(k.to_string());
-                    l.set_value(v.to_string());
-                    l
+                .map(|(le, n)| {
+                    let mut b = proto::Bucket::default();
+                    b.set_upper_bound(*le);
+                    b.set_cumulative_count(*n);
+                    b
                 })
                 .collect(),
         );
-        if *ty == MetricType::COUNTER {
+        let mut m = Self::metric(labels);
+        m.set_histogram(h);
+        self.family(name, MetricType::HISTOGRAM)
+            .mut_metric()
+            .push(m);
+    }
+
+    fn add(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
+        let Some(&(_, _, ty, _)) = FAMILIES.iter().find(|f| f.0 == name) else {
+            debug_assert!(false, "unlisted family {name}");
+            return;
+        };
+        let mut m = Self::metric(labels);
+        if ty == MetricType::COUNTER {
             let mut c = proto::Counter::default();
             c.set_value(value);
             m.set_counter(c);
@@ -610,7 +668,7 @@ impl Out {
             g.set_value(value);
             m.set_gauge(g);
         }
-        mf.mut_metric().push(m);
+        self.family(name, ty).mut_metric().push(m);
     }
 }
 
@@ -673,6 +731,31 @@ fn collect_into(out: &mut Out, stats: Option<&Stats>, snap: &Snapshot) {
     for w in &s.workers {
         let id = w.worker.to_string();
         let worker = id.as_str();
+        let l = &w.latency;
+        let ns = |v: u64| v as f64 / 1e9;
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_NS
+            .iter()
+            .zip(&l.buckets)
+            .map(|(&le, &n)| (ns(le), n))
+            .collect();
+        out.histogram(
+            "bitw_worker_latency_seconds",
+            &[("worker", worker)],
+            &buckets,
+            l.packets,
+            ns(l.sum_ns),
+        );
+        out.summary(
+            "bitw_worker_latency_quantile_seconds",
+            &[("worker", worker)],
+            &[
+                (0.5, ns(l.recent_p50_ns)),
+                (0.99, ns(l.recent_p99_ns)),
+                (0.999, ns(l.recent_p999_ns)),
+            ],
+            l.packets,
+            ns(l.sum_ns),
+        );
         out.add(
             "bitw_worker_busy_cycles_total",
             &[("worker", worker)],
@@ -886,7 +969,13 @@ impl Collector for DataplaneCollector {
                 .quantiles(QUANTILES)
                 .unwrap_or_else(|| vec![f64::NAN; QUANTILES.len()]);
             let qs: Vec<(f64, f64)> = QUANTILES.iter().copied().zip(values).collect();
-            out.summary(name, &qs, hist.get_sample_count(), hist.get_sample_sum());
+            out.summary(
+                name,
+                &[],
+                &qs,
+                hist.get_sample_count(),
+                hist.get_sample_sum(),
+            );
         }
         out.families.into_values().collect()
     }
@@ -986,6 +1075,15 @@ pub(crate) mod tests {
             total_cycles: 4000,
             rx_bursts: 10,
             rx_burst_packets: 150,
+            latency: bitw_common::proto::LatencyStats {
+                packets: 150,
+                sum_ns: 450_000,
+                recent_p50_ns: 2_500,
+                recent_p99_ns: 7_000,
+                recent_p999_ns: 40_000,
+                buckets: vec![0, 100, 140, 149, 149, 150, 150, 150, 150, 150, 150, 150],
+                ..Default::default()
+            },
             ..Default::default()
         };
         Stats {
@@ -1114,6 +1212,28 @@ pub(crate) mod tests {
             (r#"bitw_worker_cycles_total{worker="0"}"#, 4000.0),
             (r#"bitw_worker_rx_bursts_total{worker="0"}"#, 10.0),
             (r#"bitw_worker_rx_burst_packets_total{worker="0"}"#, 150.0),
+            (
+                r#"bitw_worker_latency_seconds_bucket{worker="0",le="0.000002"}"#,
+                100.0,
+            ),
+            (
+                r#"bitw_worker_latency_seconds_bucket{worker="0",le="0.00001"}"#,
+                149.0,
+            ),
+            (
+                r#"bitw_worker_latency_seconds_bucket{worker="0",le="+Inf"}"#,
+                150.0,
+            ),
+            (r#"bitw_worker_latency_seconds_count{worker="0"}"#, 150.0),
+            (r#"bitw_worker_latency_seconds_sum{worker="0"}"#, 0.00045),
+            (
+                r#"bitw_worker_latency_quantile_seconds{worker="0",quantile="0.99"}"#,
+                0.000007,
+            ),
+            (
+                r#"bitw_worker_latency_quantile_seconds{worker="0",quantile="0.999"}"#,
+                0.00004,
+            ),
             ("bitw_worker_burst_size", 32.0),
             (
                 r#"bitw_worker_packets_total{direction="tx",port="outside",worker="1"}"#,

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::latency::{LatencyCounters, LatencySnapshot};
+
 /// A counter with a single writer.
 #[derive(Default, Debug)]
 pub struct Counter(AtomicU64);
@@ -223,6 +225,8 @@ pub struct WorkerCounters {
     pub rx_burst_packets: Counter,
     /// The EAL lcore the worker runs on (set when it starts).
     pub lcore: Counter,
+    /// RX-to-TX latency (`latency`), published about once a second.
+    pub latency: LatencyCounters,
 }
 
 impl WorkerCounters {
@@ -260,6 +264,7 @@ impl WorkerCounters {
             rx_bursts: self.rx_bursts.get(),
             rx_burst_packets: self.rx_burst_packets.get(),
             lcore: self.lcore.get() as u32,
+            latency: self.latency.snapshot(),
         }
     }
 }
@@ -291,4 +296,5 @@ pub struct WorkerSnapshot {
     pub rx_bursts: u64,
     pub rx_burst_packets: u64,
     pub lcore: u32,
+    pub latency: LatencySnapshot,
 }

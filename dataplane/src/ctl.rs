@@ -954,6 +954,7 @@ impl<'a> Ctl<'a> {
                     total_cycles: s.total_cycles,
                     rx_bursts: s.rx_bursts,
                     rx_burst_packets: s.rx_burst_packets,
+                    latency: s.latency,
                 }
             })
             .collect();

@@ -23,6 +23,7 @@ pub mod ctl;
 pub mod dpdk;
 pub mod esp;
 pub mod filter;
+pub mod latency;
 pub mod sa;
 pub mod sadb;
 pub mod snapshot;

@@ -72,6 +72,19 @@ fn main() -> ExitCode {
                 "{}",
                 serde_json::to_string_pretty(&summary).expect("summary serialises")
             );
+            for w in &summary.workers {
+                let l = &w.latency;
+                let us = |ns: u64| ns as f64 / 1e3;
+                eprintln!(
+                    "bitw-dataplane: worker {} RX-to-TX latency: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us ({} packets)",
+                    w.worker,
+                    us(l.p50_ns),
+                    us(l.p99_ns),
+                    us(l.p999_ns),
+                    us(l.max_ns),
+                    l.packets
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(f) => {

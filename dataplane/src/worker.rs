@@ -29,6 +29,7 @@ use crate::ctl::{HeldItem, LearnRecord, PuntItem, PuntSet, Shared};
 use crate::dpdk::{self, Burst, KeyV4, KeyV6, Mbuf, PortQueue};
 use crate::esp::{self, DecapError, EncapError, EspLocation, PacketBuf, PROTO_ESP, PROTO_UDP};
 use crate::filter::{Direction, FilterTable, FlowCache, Verdict, PROTO_ICMPV6};
+use crate::latency::LatencyRecorder;
 use crate::sa::{ReplayError, SaEvent};
 use crate::sadb::{SaTable, Sadb};
 use crate::snapshot::Published;
@@ -134,6 +135,8 @@ struct Scratch {
     /// Handed-off packets being processed, per direction, and their verdicts.
     inbox: [Burst; 2],
     inbox_keep: [[bool; MAX_BURST]; 2],
+    /// RX-to-TX latency of every burst.
+    latency: LatencyRecorder,
 }
 
 const NOT_ESP: u32 = u32::MAX;
@@ -211,6 +214,7 @@ impl Worker {
             cache_v6: (n > 0).then(|| [FlowCache::new(n), FlowCache::new(n)]),
             inbox: [Burst::default(), Burst::default()],
             inbox_keep: [[false; MAX_BURST]; 2],
+            latency: LatencyRecorder::new(dpdk::tsc_hz(), dpdk::tsc()),
         });
         let c = &self.counters;
         c.lcore.set(dpdk::lcore_id() as u64);
@@ -236,7 +240,9 @@ impl Worker {
                 c.busy_polls.add(1);
                 c.busy_cycles.add(spent);
             }
+            s.latency.maybe_publish(now, &c.latency);
         }
+        s.latency.publish(&c.latency);
     }
 
     fn queues(&self, dir: Direction) -> (PortQueue, PortQueue, PortSide, PortSide) {
@@ -288,6 +294,7 @@ impl Worker {
         if n == 0 {
             return 0;
         }
+        let rx_at = dpdk::tsc();
         let c = &self.counters;
         c.rx_bursts.add(1);
         c.rx_burst_packets.add(n as u64);
@@ -300,6 +307,8 @@ impl Worker {
             // that ESP could be for; no IKE to punt; no control session that
             // wants neighbours learnt): a plain wire.
             let (out, rx_bytes) = burst.forward_all(tx);
+            s.latency
+                .record(dpdk::tsc().wrapping_sub(rx_at), out.sent as u64);
             c.rx[rx_side as usize].add(n as u64, rx_bytes);
             c.tx[tx_side as usize].add(out.sent as u64, out.sent_bytes);
             c.uninspected.add(n as u64);
@@ -441,6 +450,8 @@ impl Worker {
         }
 
         let out = burst.forward(&s.keep[..n], tx);
+        s.latency
+            .record(dpdk::tsc().wrapping_sub(rx_at), out.sent as u64);
         c.rx[rx_side as usize].add(n as u64, t.rx_bytes);
         self.publish(&t, tx_side, out);
         if let (Some(c4), Some(c6)) = (&s.cache_v4, &s.cache_v6) {
