@@ -291,15 +291,16 @@ class Path3:
     """bitw with a testpmd source on inside and a testpmd sink on outside, all over net_memif.
 
     sink_pcap: the sink forwards (io) everything it receives into a net_pcap tx_pcap file instead
-    of only counting (rxonly)."""
+    of only counting (rxonly). source_mode "io": the source sends only on `start tx_first N`.
+    stem: the start of the three --file-prefix values."""
 
-    def __init__(self, args, tmp, tag, frame, key, sink_pcap=None, source_mode="txonly"):
+    def __init__(self, args, tmp, tag, frame, key, sink_pcap=None, source_mode="txonly", stem=None):
         self.procs = []
         run_dir = tempfile.mkdtemp(prefix="%s-" % tag, dir=tmp)
         inside_sock = os.path.join(run_dir, "inside.sock")
         outside_sock = os.path.join(run_dir, "outside.sock")
         cfg = os.path.join(run_dir, "bitw.toml")
-        stem = "perf-memif-%d-%s" % (os.getpid(), tag)
+        stem = stem or "perf-memif-%d-%s" % (os.getpid(), tag)
         bitw_config(cfg, stem + "-bitw", args.core, memif_vdev(0, "server", inside_sock),
                     memif_vdev(1, "server", outside_sock), key, os.path.join(run_dir, "control.sock"))
         try:
