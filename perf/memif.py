@@ -539,31 +539,37 @@ def render(res):
                % (res["date"], res["args"]["runs"], res["args"]["seconds"], res["args"]["warmup"],
                   res["args"]["core"]))
     out.append("")
-    out.append("| Frame (incl. FCS) | ESP frame | source Mpps | sink Mpps | sink Gbps (plaintext) | lost | "
-               "refused by ring | check run |")
-    out.append("|---:|---:|---:|---:|---:|---:|---:|---|")
+    out.append("| Frame (incl. FCS) | ESP frame | source Mpps | sink Mpps | sink Gbps (plaintext) | "
+               "bitw encrypted | bitw outside TX | lost (= bitw tx_full) | refused by ring | check run |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for c in res["cases"]:
         chk = c["check"]
         chk_txt = ("%d/%d ESP ok" % (chk["captured"], chk["sent"]) if not chk["problems"]
                    else "FAILED") if chk else "—"
         if "failed" in c:
-            out.append("| %d | %d | failed | | | | | %s |" % (c["size"], c["esp_frame"], chk_txt))
+            out.append("| %d | %d | failed | | | | | | | %s |" % (c["size"], c["esp_frame"], chk_txt))
             continue
-        out.append("| %d | %d | %s | %s | %.2f | %d | %d | %s |" % (
+        out.append("| %d | %d | %s | %s | %.2f | %d | %d | %d | %d | %s |" % (
             c["size"], c["esp_frame"], fw.fmt_mpps(c["source_mpps"]), fw.fmt_mpps(c["sink_mpps"]),
-            c["sink_mpps"]["median"] * c["size"] * 8 / 1e3, c["lost_total"], c["refused_total"], chk_txt))
+            c["sink_mpps"]["median"] * c["size"] * 8 / 1e3, sum(r["bitw"]["esp_encrypted"] for r in c["raw"]),
+            sum(r["bitw"]["tx_outside"] for r in c["raw"]), c["lost_total"], c["refused_total"], chk_txt))
     out.append("")
     out.append("- *source Mpps*: packets the source's memif port accepted per second (testpmd's port counters "
-               "over the window); *sink Mpps*: ESP packets the sink received per second. *lost*: source TX − "
-               "sink RX over whole runs, summed (should be 0); *refused by ring*: packets the source offered "
-               "while the memif ring to bitw was full (testpmd's TX-dropped: back-pressure, not loss).")
-    out.append("- Every run checks bitw's counters: inside RX = source TX, esp_encrypted = outside TX = SA "
-               "packets = sink RX, nothing bypassed, uninspected, non-IP, decrypted or dropped. The check "
-               "run per size captures every packet at the sink (io → net_pcap) and checks each is bitw's ESP "
-               "(outer header, SPI, consecutive sequence numbers, length).")
+               "over the window); *sink Mpps*: ESP packets the sink received per second; *sink Gbps*: sink Mpps × the "
+               "plaintext frame size. Counts are totals over all runs (whole runs, not the window): *lost* = "
+               "source TX − sink RX; each lost packet must be one bitw encrypted but found no room for in the "
+               "sink's ring (`drops.tx_full`: the sink shares CPU 0 with the source and is not always scheduled "
+               "in time). *refused by ring*: packets the source offered while the memif ring to bitw was full "
+               "(testpmd's TX-dropped: back-pressure, bitw or the CPU was busy; txonly retries at once).")
+    out.append("- Every run checks bitw's counters: inside RX = source TX = esp_encrypted = SA packets, "
+               "outside TX = sink RX, esp_encrypted = outside TX + tx_full drops; nothing bypassed, "
+               "uninspected, non-IP or decrypted, no other drop. The check run per size captures every packet "
+               "at the sink (io → net_pcap) and checks each is bitw's ESP (outer header, SPI, consecutive "
+               "sequence numbers, length); no loss allowed there.")
     if res.get("disturbed_runs"):
-        out.append("- %d run(s) ran while other processes used more than %.2f CPU (kept, not repeated)."
-                   % (res["disturbed_runs"], res["args"]["max_others"]))
+        out.append("- %d run(s) kept although other processes used more than %.2f CPU during them "
+                   "(after %d repeat(s) each); their rates are low." % (res["disturbed_runs"], res["args"]["max_others"],
+                                                                     res["args"]["retries"]))
     if res["problems"]:
         out += ["", "Problems:", ""] + ["- %s" % p for p in res["problems"]]
     m = res["machine"]
@@ -601,6 +607,9 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release -p bitw-dataplane first")
     ap.add_argument("--max-others", type=float, default=0.15,
                     help="before each run, wait until other processes use less CPU than this (default 0.15)")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="repeat a run during which other processes used more than --max-others CPU, up to "
+                         "this many times (default 2; --quick 0). Our own three processes do not count.")
     ap.add_argument("--quiet-wait", type=float, default=60,
                     help="seconds to wait at most for a quiet machine before each run (default 60)")
     ap.add_argument("--save", dest="save", action="store_true", default=None,
@@ -611,7 +620,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.runs, args.seconds, args.warmup = 1, 1.0, 0.5
-        args.quiet_wait = min(args.quiet_wait, 5)
+        args.quiet_wait, args.retries = min(args.quiet_wait, 5), 0
         args.sizes = args.sizes or ",".join(str(s) for s in QUICK_SIZES)
         if args.save is None:
             args.save = False
@@ -628,9 +637,6 @@ def main():
     if not tp:
         raise SystemExit("%s not found (Debian package dpdk)" % args.testpmd)
     args.testpmd = tp
-    # Not a run to repeat: the setup has three busy pollers on two cores by design. The quiet-
-    # machine wait only keeps another benchmark's run from overlapping ours.
-    args.retries = 0
 
     git_info = fw.git_state()
     if not args.no_build:
@@ -655,7 +661,7 @@ def main():
                      "quick": args.quick, "sizes": sizes, "check": args.check, "check_bursts": CHECK_BURSTS,
                      "burst": fw.BURST, "memif_rsize": MEMIF_RSIZE, "eal": fw.EAL_COMMON,
                      "flow": [FLOW_SRC, FLOW_DST, FLOW_PORT], "tunnel": [TUNNEL_SRC, TUNNEL_DST],
-                     "aead": "aes128gcm16", "max_others": args.max_others},
+                     "aead": "aes128gcm16", "max_others": args.max_others, "retries": args.retries},
             "loadavg_before": " ".join(open("/proc/loadavg").read().split()[:3]),
         }
         cases = []
@@ -709,6 +715,7 @@ def main():
         res["problems"] = problems
         res["failed"] = insane
         res["disturbed_runs"] = bench.disturbed
+        res["repeated_runs"] = sum(r.get("attempt", 1) - 1 for c in cases for r in c["raw"])
         md = render(res)
         print(md)
         if args.save:
