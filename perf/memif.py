@@ -65,7 +65,6 @@ SINK_MAC = "02:00:00:00:00:02"
 MEMIF_RSIZE = 14
 CHECK_BURSTS = 64  # per size in the check run: 64 x 32 = 2048 packets
 
-ESP_OVERHEAD = 20 + 8 + 8 + 16  # outer IPv4, ESP header, IV, ICV (plus trailer and padding)
 TESTPMD_MBUFS = fw.MBUFS  # testpmd's default pool does not fit in 512 MB without hugepages
 
 
@@ -164,7 +163,11 @@ class Testpmd:
         self.prompts = 0
         self.t = threading.Thread(target=self._reader, daemon=True)
         self.t.start()
-        self.wait_prompt()
+        try:
+            self.wait_prompt()
+        except RuntimeError:
+            self.kill()
+            raise
 
     def _reader(self):
         while True:
