@@ -31,6 +31,7 @@ Standard library only. Needs root and DPDK 22.11 (dpdk-testpmd, net_memif, net_p
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import re
@@ -738,6 +739,12 @@ def main():
             print("kept %s" % tmp, file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+        # EAL leaves an empty /var/run/dpdk/<file-prefix>/ per process: remove ours.
+        for d in glob.glob("/var/run/dpdk/perf-memif-%d-*" % os.getpid()):
+            try:
+                os.rmdir(d)  # only if empty
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":
