@@ -349,8 +349,12 @@ def check_summary(direction, s, tr, seconds):
          "bypassed %s, uninspected %s, non_ip %s" % (s.get("bypassed"), s.get("uninspected"), s.get("non_ip")))
     want(len(sas) == 1, "%d SAs in the summary" % len(sas))
     sa = sas[0] if sas else {}
+    lat = s["workers"][0].get("latency", {}) if s["workers"] else {}
+    want(lat.get("packets") == s["tx_packets"],
+         "latency histogram holds %s packets, %d sent" % (lat.get("packets"), s["tx_packets"]))
     r = {"duration_seconds": dur, "drops": drops, "esp_encrypted": enc, "esp_decrypted": dec,
-         "flow_cache_hits": hits, "flow_cache_misses": misses, "sa": sa}
+         "flow_cache_hits": hits, "flow_cache_misses": misses, "sa": sa,
+         "latency_ns": {k: lat.get(k + "_ns", 0) for k in ("p50", "p99", "p999", "max")}}
     if direction == "encrypt":
         rx = pin["rx_packets"]
         want(not drops, "drops %s" % drops)
@@ -641,7 +645,9 @@ def render(res):
         "AEAD encrypts; **AEAD limit** = bitw's own AEAD library (column *lib*: intel-ipsec-mb for AES-GCM "
         "with `dataplane.crypto = \"auto\"`, ring for ChaCha20-Poly1305) sealing that many bytes on the same core "
         "(bitw-aead-bench, median (min–max) of all its runs in all rounds; for IMIX the mix's harmonic "
-        "rate); **%% of limit** = bitw Mpps / AEAD Mops (medians)."
+        "rate); **%% of limit** = bitw Mpps / AEAD Mops (medians); **latency** = per-packet time through "
+        "bitw's worker from the RX burst that received a packet to the TX burst that sent it (the worker's "
+        "HdrHistogram over the whole run, median over runs), at the saturated rate of the row."
         % (a["core"], LOCAL_GW, PEER_GW, a["runs"], a["seconds"])
     )
     out.append("")
@@ -657,8 +663,8 @@ def render(res):
         out.append("")
     sg_head = " ipsec-secgw Mpps | bitw / secgw |" if sg_on else ""
     out.append("| AEAD | Direction | Frame bytes (incl. FCS) | ESP plaintext bytes | ESP frame bytes (incl. FCS) | bitw Mpps |"
-               + sg_head + " Gbps (plaintext) | ns/pkt | lib | AEAD limit Mops | % of limit |")
-    out.append("|---|---|---|---:|---:|---:|" + ("---:|---:|" if sg_on else "") + "---:|---:|---|---:|---:|")
+               + sg_head + " Gbps (plaintext) | ns/pkt | lib | AEAD limit Mops | % of limit | latency µs p50 / p99 / p99.9 |")
+    out.append("|---|---|---|---:|---:|---:|" + ("---:|---:|" if sg_on else "") + "---:|---:|---|---:|---:|---:|")
 
     def sg_cols(c):
         if not sg_on:
@@ -676,14 +682,16 @@ def render(res):
             continue
         tr_desc = c["frame_desc"]
         if "failed" in c:
-            out.append("| %s | %s | %s | | | failed: %s |%s | | | | |" % (c["aead"], c["direction"], tr_desc, c["failed"],
+            out.append("| %s | %s | %s | | | failed: %s |%s | | | | | |" % (c["aead"], c["direction"], tr_desc, c["failed"],
                                                                         " | |" if sg_on else ""))
             continue
-        out.append("| %s | %s | %s | %s | %s | %s |%s %.2f | %.1f | %s | %s | **%s** |" % (
+        lat = c.get("latency_us")
+        lat = "%.1f / %.1f / %.1f" % (lat["p50"], lat["p99"], lat["p999"]) if lat else "–"
+        out.append("| %s | %s | %s | %s | %s | %s |%s %.2f | %.1f | %s | %s | **%s** | %s |" % (
             c["aead"], c["direction"], tr_desc, c["esp_plaintext"], c["esp_frame"], fmt(c["mpps"]),
             sg_cols(c), c["gbps"], c["ns_per_packet"], c.get("aead_library", "?"),
             fmt_limit(c),
-            "%.0f %%" % (100 * c["pct_of_limit"]) if c.get("pct_of_limit") else "–"))
+            "%.0f %%" % (100 * c["pct_of_limit"]) if c.get("pct_of_limit") else "–", lat))
     out.append("")
     replay = [c for c in res["cases"] if c["direction"] == "replay"]
     if replay:
@@ -1092,6 +1100,9 @@ def main():
             sm = fw.summarise([r["mpps_per_worker"] for r in runs[case]])
             c["mpps"] = sm
             c["ns_per_packet"] = 1e3 / sm["median"]
+            # Latency quantiles: the median over runs of each run's whole-run quantile.
+            c["latency_us"] = {q: statistics.median(r["latency_ns"][q] for r in runs[case]) / 1e3
+                               for q in ("p50", "p99", "p999", "max")}
             c["gbps"] = sm["median"] * tr.frame_fcs_avg * 8 / 1e3
             c["esp_gbps"] = sm["median"] * statistics.mean(esp_frame(f) + 4 for f in tr.pattern) * 8 / 1e3
             if direction == "replay":

@@ -38,6 +38,10 @@ def test_esp_quick_runs_bitw_secgw_and_aead_bench(dataplane, tmp_path):
         assert 0.05 < bitw < 200 and 0.05 < sg < 200, (case, bitw, sg)
         assert abs(c["bitw_vs_secgw"] - bitw / sg) < 1e-9, case
         assert 0.01 < c["pct_of_limit"] < 1.3, (case, c["pct_of_limit"])
+        # The worker's latency histogram recorded every packet sent (check_summary) and gives
+        # ordered quantiles.
+        lat = c["latency_us"]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"], (case, lat)
         # dataplane.crypto = "auto" picks intel-ipsec-mb here, and the limit is that library's.
         assert c["crypto"].startswith("intel-ipsec-mb") and c["aead_library"] == "intel-ipsec-mb", case
         (run,) = c["secgw_raw"]
