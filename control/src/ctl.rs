@@ -983,6 +983,18 @@ fn fmt_counters(s: &Stats) -> String {
                 w.handed_off.to_string(),
                 busy,
                 fill,
+                if w.latency.packets > 0 {
+                    let us = |ns: u64| ns as f64 / 1e3;
+                    let l = &w.latency;
+                    format!(
+                        "{:.1}/{:.1}/{:.1}",
+                        us(l.recent_p50_ns),
+                        us(l.recent_p99_ns),
+                        us(l.recent_p999_ns)
+                    )
+                } else {
+                    "-".into()
+                },
             ]
         })
         .collect();
@@ -997,6 +1009,7 @@ fn fmt_counters(s: &Stats) -> String {
             "HANDED OFF",
             "BUSY",
             "BURST FILL",
+            "LATENCY US P50/P99/P99.9",
         ],
         &rows,
     );
