@@ -83,13 +83,67 @@ fn next_generation(id: u32) -> u32 {
     generation << INDEX_BITS | (id & INDEX_MASK)
 }
 
+/// Slots per chunk of a [`SlotList`] (log2).
+const CHUNK_BITS: u32 = 10;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+/// SA slots in chunks of 1024 shared between snapshots: a new snapshot
+/// copies the chunk pointers, and a batch copies only the chunks it changes
+/// (copy on write), so publishing costs the batch, not the table.
+#[derive(Clone, Default)]
+pub struct SlotList {
+    chunks: Vec<Arc<Vec<Option<Arc<Sa>>>>>,
+    len: usize,
+}
+
+impl SlotList {
+    /// The slot `i`, if the list is that long.
+    #[inline]
+    pub fn get(&self, i: usize) -> Option<&Option<Arc<Sa>>> {
+        if i >= self.len {
+            return None;
+        }
+        self.chunks
+            .get(i >> CHUNK_BITS)
+            .map(|c| &c[i & (CHUNK - 1)])
+    }
+
+    /// Slots, installed or not.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every slot in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Option<Arc<Sa>>> {
+        self.chunks.iter().flat_map(|c| c.iter()).take(self.len)
+    }
+
+    /// Grows the list to at least `n` slots.
+    fn grow(&mut self, n: usize) {
+        while self.chunks.len() * CHUNK < n {
+            self.chunks.push(Arc::new(vec![None; CHUNK]));
+        }
+        self.len = self.len.max(n);
+    }
+
+    /// Slot `i` (below `len`) for writing: its chunk is copied first if
+    /// another snapshot shares it.
+    fn slot_mut(&mut self, i: usize) -> &mut Option<Arc<Sa>> {
+        &mut Arc::make_mut(&mut self.chunks[i >> CHUNK_BITS])[i & (CHUNK - 1)]
+    }
+}
+
 /// One immutable generation of the SA database, as the workers see it.
 #[derive(Default)]
 pub struct SaTable {
     /// Outbound SAs by slot.
-    pub outbound: Vec<Option<Arc<Sa>>>,
+    pub outbound: SlotList,
     /// Inbound SAs by slot.
-    pub inbound: Vec<Option<Arc<Sa>>>,
+    pub inbound: SlotList,
     /// Inbound SPI -> id.
     spis: SpiMap<u32>,
     /// Outbound SPI -> id (SPIs are unique per direction).
@@ -106,7 +160,7 @@ impl SaTable {
     #[inline]
     pub fn inbound_by_spi(&self, spi: u32) -> Option<(u32, &Arc<Sa>)> {
         let id = *self.spis.get(&spi)?;
-        self.inbound[index_of(id)].as_ref().map(|sa| (id, sa))
+        self.inbound.get(index_of(id))?.as_ref().map(|sa| (id, sa))
     }
 
     /// The outbound SA with this id: none when the slot is empty or holds an
@@ -161,7 +215,7 @@ impl SaTable {
         }
     }
 
-    fn list_mut(&mut self, direction: Direction) -> &mut Vec<Option<Arc<Sa>>> {
+    fn list_mut(&mut self, direction: Direction) -> &mut SlotList {
         match direction {
             Direction::Out => &mut self.outbound,
             Direction::In => &mut self.inbound,
@@ -214,10 +268,7 @@ impl SaTable {
 
     /// Every installed SA with its direction and id, outbound first.
     pub fn iter(&self) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
-        fn list(
-            d: Direction,
-            v: &[Option<Arc<Sa>>],
-        ) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
+        fn list(d: Direction, v: &SlotList) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
             v.iter()
                 .filter_map(move |s| s.as_ref().map(|s| (d, s.id, s)))
         }
@@ -589,11 +640,10 @@ impl Sadb {
                     let id = Self::slot_or_err(&mut slots, &params.name, d)?;
                     let slot = index_of(id);
                     let list = next.list_mut(d);
-                    if list.len() <= slot {
-                        list.resize(slot + 1, None);
-                    }
-                    if list[slot]
-                        .as_ref()
+                    list.grow(slot + 1);
+                    if list
+                        .get(slot)
+                        .and_then(|x| x.as_ref())
                         .is_some_and(|old| old.id == id && old.params == params)
                     {
                         continue; // the same SA: keep it and its state
@@ -611,7 +661,7 @@ impl Sadb {
                         .map_err(|reason| SadbError::Invalid { name, reason })?;
                     sa.id = id;
                     sa.policy = policy;
-                    if let Some(old) = next.list_mut(d)[slot].take() {
+                    if let Some(old) = next.list_mut(d).slot_mut(slot).take() {
                         next.unindex(&old);
                         gone(&mut slots, &old, &mut refs);
                     }
@@ -621,17 +671,18 @@ impl Sadb {
                     if d == Direction::In {
                         *refs.entry(policy).or_default() += 1;
                     }
-                    next.list_mut(d)[slot] = Some(Arc::new(sa));
+                    *next.list_mut(d).slot_mut(slot) = Some(Arc::new(sa));
                 }
                 SaChange::Remove { name, direction } => {
                     let map = match direction {
                         Direction::Out => &slots.out.map,
                         Direction::In => &slots.inb.map,
                     };
-                    let old = map
-                        .get(&name)
-                        .map(|&id| index_of(id))
-                        .and_then(|s| next.list_mut(direction).get_mut(s)?.take());
+                    let old = map.get(&name).map(|&id| index_of(id)).and_then(|s| {
+                        let list = next.list_mut(direction);
+                        list.get(s)?.as_ref()?;
+                        list.slot_mut(s).take()
+                    });
                     match old {
                         Some(old) => {
                             next.unindex(&old);
@@ -1118,5 +1169,42 @@ mod tests {
             db.reclaim();
         }
         assert!(!db.load().is_empty());
+    }
+
+    #[test]
+    fn a_batch_copies_only_the_slot_chunks_it_changes() {
+        let db = Sadb::new(1);
+        let n = 3 * CHUNK as u32;
+        db.apply(
+            (0..n)
+                .map(|i| SaChange::Install(params(&format!("s{i}"), Direction::In, 0x1000 + i)))
+                .collect(),
+        )
+        .unwrap();
+        let before = db.load_full_for_tests();
+        // One SA replaced, in the second chunk.
+        let k = CHUNK as u32 + 5;
+        db.apply(vec![SaChange::Install(params(
+            &format!("s{k}"),
+            Direction::In,
+            0x9_0000,
+        ))])
+        .unwrap();
+        let after = db.load_full_for_tests();
+        let shared: Vec<bool> = (0..3)
+            .map(|c| Arc::ptr_eq(&before.inbound.chunks[c], &after.inbound.chunks[c]))
+            .collect();
+        assert_eq!(shared, vec![true, false, true]);
+        assert_eq!(after.inbound.len(), n as usize);
+        assert_eq!(
+            after.inbound_by_spi(0x9_0000).unwrap().1.params.name,
+            format!("s{k}")
+        );
+        assert!(after.inbound_by_spi(0x1000 + k).is_none());
+        assert!(
+            before.inbound_by_spi(0x1000 + k).is_some(),
+            "the old snapshot is untouched"
+        );
+        assert_eq!(after.iter().count(), n as usize);
     }
 }
