@@ -51,3 +51,35 @@ def test_esp_quick_runs_bitw_secgw_and_aead_bench(dataplane, tmp_path):
     for lib in ("ring", "intel-ipsec-mb"):
         assert any(k.startswith(f"aes128gcm16/{lib}/") for k in res["aead"]), sorted(res["aead"])
     assert "ipsec-secgw Mpps" in p.stdout and "bitw / secgw" in p.stdout, p.stdout[-2000:]
+
+
+def test_scale_quick_installs_sas_and_measures_every_case(dataplane, tmp_path):
+    """perf/scale.py --quick: 1 and 1000 SAs, decrypt (SAs installed over the control channel),
+    encrypt (rules and SAs from the config file) and SA installs while forwarding. Asserts that
+    every case ran, installed what it should and measured something, never how fast."""
+    tool = dataplane.parent / "bitw-scale"
+    assert tool.is_file(), f"{tool} missing: cargo build --release -p bitw-scale-tool"
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(REPO_ROOT / "perf" / "scale.py"), "--quick", "--no-build",
+           "--bitw", str(dataplane), "--scale-tool", str(tool), "--json-out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"perf/scale.py --quick exited {p.returncode}:\n{p.stderr[-4000:]}"
+    res = json.loads(out.read_text())
+    assert not res["problems"], res["problems"]
+    for direction in ("decrypt", "encrypt"):
+        cases = res[direction]
+        assert [c["sas"] for c in cases] == [1, 1000], (direction, cases)
+        for c in cases:
+            assert "failed" not in c, (direction, c)
+            assert c["sa_count"] == c["sas"], (direction, c["sas"], c["sa_count"])
+            assert c["mpps"]["median"] > 0 and c["runs"][0]["tx_packets"] > 0, (direction, c)
+    dec = {c["sas"]: c for c in res["decrypt"]}
+    # 999 SAs went in over the control channel; the dataplane's memory was read around it.
+    assert dec[1000]["install"]["installed"] == 999, dec[1000]["install"]
+    assert dec[1000]["rss_kb_after"] >= dec[1000]["rss_kb_before"] > 0
+    inst = res["install"]
+    assert "failed" not in inst, inst
+    assert inst["install"]["installed"] == inst["sas"] == 999, inst["install"]
+    assert inst["sas_per_second"] > 0 and inst["idle_mpps"]["median"] > 0 and inst["during_mpps"] > 0, inst
+    assert inst["forwarding_share"] > 0, inst
+    assert "SA installs while forwarding" in p.stdout and "MB per 100 000 SAs" in p.stdout, p.stdout[-2000:]

@@ -757,13 +757,15 @@ impl Config {
         }
 
         let mut policies = Vec::with_capacity(raw.policy.len());
+        // Names seen so far: duplicates are found in O(1), so large tables load in linear time.
+        let mut rule_names: std::collections::HashSet<String> = std::collections::HashSet::new();
         for (i, p) in raw.policy.into_iter().enumerate() {
             let field = |f: &str| format!("policy[{i}].{f}");
             let name = p.name.get_ref().trim().to_string();
             if name.is_empty() {
                 return ctx.err(p.name.span(), field("name"), "empty rule name".into());
             }
-            if policies.iter().any(|r: &Rule| r.name == name) {
+            if !rule_names.insert(name.clone()) {
                 return ctx.err(
                     p.name.span(),
                     field("name"),
@@ -1051,14 +1053,19 @@ fn load_terminals(ctx: &Ctx, raw: Vec<RawTerminal>) -> Result<Vec<Terminal>, Con
 /// Validates the `[[sa]]` tables, reads their keys, and checks that every
 /// protect rule names an SA of its direction.
 fn load_sas(ctx: &Ctx, raw: Vec<RawSa>, policies: &[Rule]) -> Result<Vec<SaParams>, ConfigError> {
+    use std::collections::HashMap;
     let mut sas: Vec<SaParams> = Vec::with_capacity(raw.len());
+    // Indexes over `sas` (name -> index, (direction, SPI) -> index): checks in
+    // O(1), so a file of many SAs loads in linear time.
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    let mut by_spi: HashMap<(Direction, u32), usize> = HashMap::new();
     for (i, r) in raw.into_iter().enumerate() {
         let field = |f: &str| format!("sa[{i}].{f}");
         let name = r.name.get_ref().trim().to_string();
         if name.is_empty() {
             return ctx.err(r.name.span(), field("name"), "empty SA name".into());
         }
-        if sas.iter().any(|s| s.name == name) {
+        if by_name.contains_key(&name) {
             return ctx.err(
                 r.name.span(),
                 field("name"),
@@ -1075,10 +1082,7 @@ fn load_sas(ctx: &Ctx, raw: Vec<RawSa>, policies: &[Rule]) -> Result<Vec<SaParam
                 ),
             );
         }
-        if let Some(other) = sas
-            .iter()
-            .find(|s| s.spi == spi && s.direction == r.direction)
-        {
+        if let Some(other) = by_spi.get(&(r.direction, spi)).map(|&k| &sas[k]) {
             return ctx.err(
                 r.spi.span(),
                 field("spi"),
@@ -1216,19 +1220,22 @@ fn load_sas(ctx: &Ctx, raw: Vec<RawSa>, policies: &[Rule]) -> Result<Vec<SaParam
             },
             policy,
         });
+        by_name.insert(sas[sas.len() - 1].name.clone(), sas.len() - 1);
+        by_spi.insert((r.direction, spi), sas.len() - 1);
     }
+    let inbound_policies: std::collections::HashSet<&str> = sas
+        .iter()
+        .filter(|s| s.direction == Direction::In)
+        .map(|s| s.policy_name())
+        .collect();
     // Every protect rule must name an SA of its own direction; an inbound
     // rule names inbound SAs by their policy name (the SA's name by default).
     for (i, rule) in policies.iter().enumerate() {
         if let Action::Protect { sa } = &rule.action {
-            if rule.direction == Direction::In
-                && sas
-                    .iter()
-                    .any(|s| s.direction == Direction::In && s.policy_name() == sa)
-            {
+            if rule.direction == Direction::In && inbound_policies.contains(sa.as_str()) {
                 continue;
             }
-            match sas.iter().find(|s| &s.name == sa) {
+            match by_name.get(sa).map(|&k| &sas[k]) {
                 Some(s) if s.direction == rule.direction && s.direction == Direction::In => {
                     return Err(ConfigError {
                         file: ctx.file.to_path_buf(),

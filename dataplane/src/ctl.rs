@@ -46,7 +46,7 @@ use crate::counters::{DropReason, PortSide, WorkerCounters};
 use crate::dpdk::{self, Mbuf, Mempool};
 use crate::filter::{Direction, FilterTable, FlowKey, Verdict};
 use crate::sa::{SaEvent, SaParams};
-use crate::sadb::Sadb;
+use crate::sadb::{SaChange, SaTable, Sadb};
 use crate::snapshot::Published;
 use crate::wire::{self, FrameKind};
 use crate::worker::{Handoff, HandoffItem, Job, SaEventRecord};
@@ -282,6 +282,9 @@ pub struct Ctl<'a> {
     retired: Vec<Arc<FilterTable>>,
     retired_punt: Vec<Arc<PuntSet>>,
     totals: ControlTotals,
+    /// The SA names the current filter table's protect rules give (out, in),
+    /// and the table generation they are from.
+    rule_names: ([HashSet<String>; 2], Option<u32>),
     /// Held packets dropped this round, for one HoldDropped event per (SA, reason).
     hold_dropped: BTreeMap<(String, &'static str), u64>,
 }
@@ -325,6 +328,28 @@ pub fn config_policy(cfg: &Config) -> PolicySpec {
             DefaultAction::Bypass => DefaultActionName::Bypass,
             DefaultAction::Discard => DefaultActionName::Discard,
         },
+    }
+}
+
+/// The installed SAs as planning asks about them: by name through the SA
+/// database's name bindings, by SPI through the snapshot's indexes.
+struct Live<'a> {
+    sadb: &'a Sadb,
+    table: &'a SaTable,
+}
+
+impl crate::ctl::plan::Installed for Live<'_> {
+    fn params(&self, name: &str, direction: Direction) -> Option<SaParams> {
+        let id = self.sadb.find_slot(name, direction)?;
+        self.table
+            .get(direction, id)
+            .filter(|sa| sa.params.name == name)
+            .map(|sa| sa.params.clone())
+    }
+    fn spi_owner(&self, direction: Direction, spi: u32) -> Option<String> {
+        self.table
+            .by_spi(direction, spi)
+            .map(|sa| sa.params.name.clone())
     }
 }
 
@@ -374,6 +399,7 @@ impl<'a> Ctl<'a> {
             retired: Vec::new(),
             retired_punt: Vec::new(),
             totals: ControlTotals::new(),
+            rule_names: Default::default(),
             hold_dropped: BTreeMap::new(),
         }
     }
@@ -535,13 +561,18 @@ impl<'a> Ctl<'a> {
             } else {
                 Duration::from_millis(1)
             };
-            match s.conn.recv::<serde_json::Value>(Some(timeout)) {
+            // Kept raw, then decoded once into its type: a batch of many SAs
+            // never becomes a generic JSON tree first.
+            match s
+                .conn
+                .recv::<Box<serde_json::value::RawValue>>(Some(timeout))
+            {
                 Ok(None) => return,
                 Ok(Some(msg)) => {
                     s.last_rx = Instant::now();
                     match s.phase {
-                        Phase::AwaitHello => self.hello(msg),
-                        Phase::Ready => self.request(msg),
+                        Phase::AwaitHello => self.hello(&msg),
+                        Phase::Ready => self.request(&msg),
                     }
                 }
                 Err(ChannelError::Closed) => {
@@ -565,8 +596,8 @@ impl<'a> Ctl<'a> {
         }
     }
 
-    fn hello(&mut self, msg: serde_json::Value) {
-        let verdict = serde_json::from_value::<Hello>(msg)
+    fn hello(&mut self, msg: &serde_json::value::RawValue) {
+        let verdict = serde_json::from_str::<Hello>(msg.get())
             .map_err(|e| format!("not a hello message: {e}"))
             .and_then(|h| proto::negotiate(&h).map(|v| (v, h)));
         let Some(s) = self.session.as_mut() else {
@@ -644,26 +675,29 @@ impl<'a> Ctl<'a> {
         }
     }
 
-    fn request(&mut self, msg: serde_json::Value) {
+    fn request(&mut self, msg: &serde_json::value::RawValue) {
         let received = Instant::now();
-        let Some(id) = msg.get("id").and_then(|v| v.as_u64()) else {
-            self.reply(
-                0,
-                Reply::Error {
-                    message: "a request without a numeric `id`".into(),
-                },
-            );
-            return;
-        };
-        let req = match serde_json::from_value::<ToDataplane>(msg) {
-            Ok(r) => r.request,
+        let (id, req) = match serde_json::from_str::<ToDataplane>(msg.get()) {
+            Ok(r) => (r.id, r.request),
             Err(e) => {
-                self.reply(
-                    id,
-                    Reply::Error {
-                        message: format!("cannot decode the request: {e}"),
-                    },
-                );
+                // Which request failed, if it says.
+                let id = serde_json::from_str::<serde_json::Value>(msg.get())
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|v| v.as_u64()));
+                match id {
+                    None => self.reply(
+                        0,
+                        Reply::Error {
+                            message: "a request without a numeric `id`".into(),
+                        },
+                    ),
+                    Some(id) => self.reply(
+                        id,
+                        Reply::Error {
+                            message: format!("cannot decode the request: {e}"),
+                        },
+                    ),
+                }
                 return;
             }
         };
@@ -705,14 +739,15 @@ impl<'a> Ctl<'a> {
     // ---- requests ----
 
     fn apply(&mut self, batch: &Batch, received: Instant) -> Result<Applied, String> {
-        let current: HashMap<(String, Direction), SaParams> = self
-            .sadb
-            .load()
-            .iter()
-            .map(|(d, _, sa)| ((sa.params.name.clone(), d), sa.params.clone()))
-            .collect();
         let sadb = self.sadb.clone();
-        let plan = plan_batch(batch, &current, &|n, d| sadb.slot(n, d))?;
+        let table = sadb.load();
+        let current = Live {
+            sadb: &sadb,
+            table: &table,
+        };
+        let plan = plan_batch(batch, &current, &|n, d| sadb.slot(n, d));
+        drop(table);
+        let plan = plan?;
         let Plan {
             early_removes,
             installs,
@@ -722,6 +757,14 @@ impl<'a> Ctl<'a> {
             meta,
             mut applied,
         } = plan;
+        let removed: Vec<(String, Direction)> = early_removes
+            .iter()
+            .chain(&late_removes)
+            .filter_map(|c| match c {
+                SaChange::Remove { name, direction } => Some((name.clone(), *direction)),
+                SaChange::Install(_) => None,
+            })
+            .collect();
         // 1. New and replaced SAs (and removals whose SPI they take), all at once.
         if !installs.is_empty() || !early_removes.is_empty() {
             let mut first = early_removes;
@@ -753,15 +796,10 @@ impl<'a> Ctl<'a> {
         for (key, m) in meta {
             self.meta.insert(key, m);
         }
-        let table = self.sadb.load();
-        let live: HashSet<(&str, Direction)> = table
-            .iter()
-            .map(|(d, _, sa)| (sa.params.name.as_str(), d))
-            .collect();
-        self.meta
-            .retain(|(name, d), _| live.contains(&(name.as_str(), *d)));
-        drop(live);
-        drop(table);
+        // What the batch removed (only removals end an SA's life).
+        for key in &removed {
+            self.meta.remove(key);
+        }
         let f = self.filter.load();
         applied.policy_generation = f.generation() as u64;
         applied.rules = f.rule_count();
@@ -777,15 +815,18 @@ impl<'a> Ctl<'a> {
     /// outbound name can never leave and are dropped (`hold_failed`).
     fn unbind_unused(&mut self) {
         let filter = self.filter.load();
-        let rule_names: HashSet<(&str, Direction)> = [Direction::Out, Direction::In]
-            .into_iter()
-            .flat_map(|d| {
-                filter.rules(d).iter().filter_map(move |r| match &r.action {
-                    crate::filter::Action::Protect { sa } => Some((sa.as_str(), d)),
-                    _ => None,
-                })
-            })
-            .collect();
+        if self.rule_names.1 != Some(filter.generation()) {
+            let mut names: [HashSet<String>; 2] = Default::default();
+            for d in [Direction::Out, Direction::In] {
+                for r in filter.rules(d) {
+                    if let crate::filter::Action::Protect { sa } = &r.action {
+                        names[(d == Direction::In) as usize].insert(sa.clone());
+                    }
+                }
+            }
+            self.rule_names = (names, Some(filter.generation()));
+        }
+        drop(filter);
         let retired: Vec<std::sync::Weak<dyn std::any::Any + Send + Sync>> = self
             .retired
             .iter()
@@ -794,9 +835,7 @@ impl<'a> Ctl<'a> {
                 w as std::sync::Weak<dyn std::any::Any + Send + Sync>
             })
             .collect();
-        let gone = self.sadb.unbind_unused(&rule_names, &retired);
-        drop(rule_names);
-        drop(filter);
+        let gone = self.sadb.unbind_unused(&self.rule_names.0, &retired);
         for u in gone {
             if u.direction != Direction::Out {
                 continue;

@@ -83,15 +83,73 @@ fn next_generation(id: u32) -> u32 {
     generation << INDEX_BITS | (id & INDEX_MASK)
 }
 
+/// Slots per chunk of a [`SlotList`] (log2).
+const CHUNK_BITS: u32 = 10;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+/// SA slots in chunks of 1024 shared between snapshots: a new snapshot
+/// copies the chunk pointers, and a batch copies only the chunks it changes
+/// (copy on write), so publishing costs the batch, not the table.
+#[derive(Clone, Default)]
+pub struct SlotList {
+    chunks: Vec<Arc<Vec<Option<Arc<Sa>>>>>,
+    len: usize,
+}
+
+impl SlotList {
+    /// The slot `i`, if the list is that long.
+    #[inline]
+    pub fn get(&self, i: usize) -> Option<&Option<Arc<Sa>>> {
+        if i >= self.len {
+            return None;
+        }
+        self.chunks
+            .get(i >> CHUNK_BITS)
+            .map(|c| &c[i & (CHUNK - 1)])
+    }
+
+    /// Slots, installed or not.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every slot in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Option<Arc<Sa>>> {
+        self.chunks.iter().flat_map(|c| c.iter()).take(self.len)
+    }
+
+    /// Grows the list to at least `n` slots.
+    fn grow(&mut self, n: usize) {
+        while self.chunks.len() * CHUNK < n {
+            self.chunks.push(Arc::new(vec![None; CHUNK]));
+        }
+        self.len = self.len.max(n);
+    }
+
+    /// Slot `i` (below `len`) for writing: its chunk is copied first if
+    /// another snapshot shares it.
+    fn slot_mut(&mut self, i: usize) -> &mut Option<Arc<Sa>> {
+        &mut Arc::make_mut(&mut self.chunks[i >> CHUNK_BITS])[i & (CHUNK - 1)]
+    }
+}
+
 /// One immutable generation of the SA database, as the workers see it.
 #[derive(Default)]
 pub struct SaTable {
     /// Outbound SAs by slot.
-    pub outbound: Vec<Option<Arc<Sa>>>,
+    pub outbound: SlotList,
     /// Inbound SAs by slot.
-    pub inbound: Vec<Option<Arc<Sa>>>,
-    /// Inbound SPI -> slot.
+    pub inbound: SlotList,
+    /// Inbound SPI -> id.
     spis: SpiMap<u32>,
+    /// Outbound SPI -> id (SPIs are unique per direction).
+    out_spis: SpiMap<u32>,
+    /// The UDP ports of inbound ESP-in-UDP SAs and how many SAs use each.
+    udp_refs: Vec<(u16, u32)>,
     /// UDP ports inbound ESP-in-UDP arrives on (RFC 3948), for spotting it.
     pub udp_ports: Vec<u16>,
 }
@@ -102,7 +160,7 @@ impl SaTable {
     #[inline]
     pub fn inbound_by_spi(&self, spi: u32) -> Option<(u32, &Arc<Sa>)> {
         let id = *self.spis.get(&spi)?;
-        self.inbound[index_of(id)].as_ref().map(|sa| (id, sa))
+        self.inbound.get(index_of(id))?.as_ref().map(|sa| (id, sa))
     }
 
     /// The outbound SA with this id: none when the slot is empty or holds an
@@ -138,45 +196,101 @@ impl SaTable {
         self.len() == 0
     }
 
-    /// Rebuilds the SPI index; refuses a table in which two inbound SAs share an SPI.
-    fn rebuild_index(&mut self) -> Result<(), SadbError> {
-        self.spis.clear();
-        let mut ports = Vec::new();
-        for (slot, sa) in self.inbound.iter().enumerate() {
-            if let Some(sa) = sa {
-                debug_assert_eq!(index_of(sa.id), slot);
-                if let Some(other) = self.spis.insert(sa.params.spi, sa.id) {
-                    let other = self.inbound[index_of(other)]
-                        .as_ref()
-                        .map(|s| s.params.name.clone())
-                        .unwrap_or_default();
-                    return Err(SadbError::SpiInUse {
-                        name: sa.params.name.clone(),
-                        spi: sa.params.spi,
-                        other,
-                    });
-                }
-                if let Encap::Udp { dport, .. } = sa.params.encap {
-                    ports.push(dport);
+    /// The SA of a direction with this SPI.
+    pub fn by_spi(&self, direction: Direction, spi: u32) -> Option<&Arc<Sa>> {
+        match direction {
+            Direction::In => self.inbound_by_spi(spi).map(|(_, sa)| sa),
+            Direction::Out => {
+                let id = *self.out_spis.get(&spi)?;
+                self.outbound(id)
+            }
+        }
+    }
+
+    /// The SA of a direction with this id (as [`SaTable::outbound`]).
+    pub fn get(&self, direction: Direction, id: u32) -> Option<&Arc<Sa>> {
+        match direction {
+            Direction::Out => self.outbound(id),
+            Direction::In => self.inbound(id),
+        }
+    }
+
+    fn list_mut(&mut self, direction: Direction) -> &mut SlotList {
+        match direction {
+            Direction::Out => &mut self.outbound,
+            Direction::In => &mut self.inbound,
+        }
+    }
+
+    fn spi_map(&self, direction: Direction) -> &SpiMap<u32> {
+        match direction {
+            Direction::Out => &self.out_spis,
+            Direction::In => &self.spis,
+        }
+    }
+
+    /// Takes an SA (leaving its slot) out of the indexes.
+    fn unindex(&mut self, sa: &Sa) {
+        let map = match sa.params.direction {
+            Direction::Out => &mut self.out_spis,
+            Direction::In => &mut self.spis,
+        };
+        if map.get(&sa.params.spi) == Some(&sa.id) {
+            map.remove(&sa.params.spi);
+        }
+        if let (Direction::In, Encap::Udp { dport, .. }) = (sa.params.direction, sa.params.encap) {
+            if let Some(i) = self.udp_refs.iter().position(|(p, _)| *p == dport) {
+                self.udp_refs[i].1 -= 1;
+                if self.udp_refs[i].1 == 0 {
+                    self.udp_refs.swap_remove(i);
                 }
             }
         }
-        ports.sort_unstable();
-        ports.dedup();
-        self.udp_ports = ports;
-        Ok(())
+    }
+
+    /// Puts an SA (entering its slot) into the indexes; returns the id of
+    /// another SA the SPI pointed to, if any (a conflict unless that SA goes
+    /// or changes its SPI in the same batch).
+    fn index(&mut self, sa: &Sa) -> Option<u32> {
+        let map = match sa.params.direction {
+            Direction::Out => &mut self.out_spis,
+            Direction::In => &mut self.spis,
+        };
+        let displaced = map.insert(sa.params.spi, sa.id).filter(|&o| o != sa.id);
+        if let (Direction::In, Encap::Udp { dport, .. }) = (sa.params.direction, sa.params.encap) {
+            match self.udp_refs.iter_mut().find(|(p, _)| *p == dport) {
+                Some(r) => r.1 += 1,
+                None => self.udp_refs.push((dport, 1)),
+            }
+        }
+        displaced
     }
 
     /// Every installed SA with its direction and id, outbound first.
     pub fn iter(&self) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
-        fn list(
-            d: Direction,
-            v: &[Option<Arc<Sa>>],
-        ) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
+        fn list(d: Direction, v: &SlotList) -> impl Iterator<Item = (Direction, u32, &Arc<Sa>)> {
             v.iter()
                 .filter_map(move |s| s.as_ref().map(|s| (d, s.id, s)))
         }
         list(Direction::Out, &self.outbound).chain(list(Direction::In, &self.inbound))
+    }
+}
+
+/// The SA names the protect rules of the filter table give.
+pub trait NamedByRules {
+    fn named(&self, name: &str, direction: Direction) -> bool;
+}
+
+impl NamedByRules for HashSet<(&str, Direction)> {
+    fn named(&self, name: &str, direction: Direction) -> bool {
+        self.contains(&(name, direction))
+    }
+}
+
+/// Outbound names, inbound names.
+impl NamedByRules for [HashSet<String>; 2] {
+    fn named(&self, name: &str, direction: Direction) -> bool {
+        self[(direction == Direction::In) as usize].contains(name)
     }
 }
 
@@ -214,6 +328,11 @@ struct Names {
     next: u32,
     /// Ids (next generation of a freed slot) ready for use, oldest first.
     free: VecDeque<u32>,
+    /// Names that may have fallen out of use since the last
+    /// [`Sadb::unbind_unused`] (bound since, or named by an SA that was
+    /// removed or replaced since, or kept then by a rule only): what it
+    /// looks at, so that it costs the changes, not the table.
+    candidates: Vec<String>,
 }
 
 impl Names {
@@ -231,6 +350,7 @@ impl Names {
             None => return None,
         };
         self.map.insert(name.to_string(), id);
+        self.candidates.push(name.to_string());
         Some(id)
     }
 }
@@ -256,6 +376,8 @@ struct Slots {
     out: Names,
     inb: Names,
     waiting: VecDeque<Quarantine>,
+    /// Inbound policy id -> how many installed inbound SAs carry it.
+    policy_refs: HashMap<u32, u32>,
 }
 
 /// How the slots are used, for statistics.
@@ -336,42 +458,49 @@ impl Sadb {
     /// Unbinds the names nothing uses any more: no installed SA has them as
     /// its name or (inbound) policy name, and `rule_names` (the SA names the
     /// protect rules of the current filter table give, with their direction)
-    /// does not list them. Their slots are free for reuse, with the next
+    /// does not list them. Only names that may have fallen out of use since
+    /// the last call are looked at (bound since, named by an SA removed or
+    /// replaced since, or kept last time by `rule_names` alone), so the cost
+    /// follows the changes, not the number of SAs. Their slots are free for reuse, with the next
     /// generation, once the SA snapshots retired so far and `retired` (the
     /// caller's retired tables that may still mention the old ids, filter
     /// tables) are all gone. Returns what it unbound.
     pub fn unbind_unused(
         &self,
-        rule_names: &HashSet<(&str, Direction)>,
+        rule_names: &(impl NamedByRules + ?Sized),
         retired: &[Weak<dyn Any + Send + Sync>],
     ) -> Vec<Unbound> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let table = self.table.load();
-        let mut used: HashSet<(&str, Direction)> = HashSet::new();
-        for (d, _, sa) in table.iter() {
-            used.insert((sa.params.name.as_str(), d));
-            if d == Direction::In {
-                used.insert((sa.params.policy_name(), d));
-            }
-        }
+        let slots = &mut *slots;
         let mut gone = Vec::new();
         for d in [Direction::Out, Direction::In] {
             let names = match d {
                 Direction::Out => &mut slots.out,
                 Direction::In => &mut slots.inb,
             };
-            names.map.retain(|name, id| {
-                let keep =
-                    used.contains(&(name.as_str(), d)) || rule_names.contains(&(name.as_str(), d));
-                if !keep {
-                    gone.push(Unbound {
-                        name: name.clone(),
-                        direction: d,
-                        id: *id,
-                    });
+            let mut kept_by_rules = Vec::new();
+            for name in std::mem::take(&mut names.candidates) {
+                let Some(&id) = names.map.get(&name) else {
+                    continue; // unbound already (listed twice)
+                };
+                let by_sa = table.get(d, id).is_some()
+                    || (d == Direction::In && slots.policy_refs.get(&id).is_some_and(|&n| n > 0));
+                if by_sa {
+                    continue; // its SA's removal lists it again
                 }
-                keep
-            });
+                if rule_names.named(&name, d) {
+                    kept_by_rules.push(name); // the rules may change: look again next time
+                    continue;
+                }
+                names.map.remove(&name);
+                gone.push(Unbound {
+                    name,
+                    direction: d,
+                    id,
+                });
+            }
+            names.candidates = kept_by_rules;
         }
         drop(table);
         if !gone.is_empty() {
@@ -471,28 +600,50 @@ impl Sadb {
 
     /// Applies `changes` as one step: workers see all of them or none.
     /// Unchanged SAs keep their state; a replaced SA starts afresh.
+    ///
+    /// Costs the batch, not the table: the snapshot's slot lists are copied
+    /// (pointers), its SPI indexes are copied and updated change by change,
+    /// never rebuilt.
     pub fn apply(&self, changes: Vec<SaChange>) -> Result<(), SadbError> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.table.load_full();
         let mut next = SaTable {
             outbound: cur.outbound.clone(),
             inbound: cur.inbound.clone(),
-            ..Default::default()
+            spis: cur.spis.clone(),
+            out_spis: cur.out_spis.clone(),
+            udp_refs: cur.udp_refs.clone(),
+            udp_ports: Vec::new(),
+        };
+        // SPIs an installed SA took from another SA: checked on the result.
+        let mut displaced: Vec<(Direction, u32, u32)> = Vec::new();
+        // Changes to `policy_refs`, kept only if the batch is accepted.
+        let mut refs: HashMap<u32, i64> = HashMap::new();
+        let gone = |slots: &mut Slots, old: &Sa, refs: &mut HashMap<u32, i64>| {
+            let d = old.params.direction;
+            let names = match d {
+                Direction::Out => &mut slots.out,
+                Direction::In => &mut slots.inb,
+            };
+            names.candidates.push(old.params.name.clone());
+            if d == Direction::In {
+                *refs.entry(old.policy).or_default() -= 1;
+                if old.params.policy.is_some() {
+                    names.candidates.push(old.params.policy_name().to_string());
+                }
+            }
         };
         for change in changes {
             match change {
                 SaChange::Install(params) => {
-                    let id = Self::slot_or_err(&mut slots, &params.name, params.direction)?;
+                    let d = params.direction;
+                    let id = Self::slot_or_err(&mut slots, &params.name, d)?;
                     let slot = index_of(id);
-                    let list = match params.direction {
-                        Direction::Out => &mut next.outbound,
-                        Direction::In => &mut next.inbound,
-                    };
-                    if list.len() <= slot {
-                        list.resize(slot + 1, None);
-                    }
-                    if list[slot]
-                        .as_ref()
+                    let list = next.list_mut(d);
+                    list.grow(slot + 1);
+                    if list
+                        .get(slot)
+                        .and_then(|x| x.as_ref())
                         .is_some_and(|old| old.id == id && old.params == params)
                     {
                         continue; // the same SA: keep it and its state
@@ -500,7 +651,7 @@ impl Sadb {
                     let name = params.name.clone();
                     // Inbound rules name the SA by its policy name: the SA
                     // carries that name's inbound id, which rules resolve to.
-                    let policy = match params.direction {
+                    let policy = match d {
                         Direction::In => {
                             Self::slot_or_err(&mut slots, params.policy_name(), Direction::In)?
                         }
@@ -510,23 +661,33 @@ impl Sadb {
                         .map_err(|reason| SadbError::Invalid { name, reason })?;
                     sa.id = id;
                     sa.policy = policy;
-                    let list = match sa.params.direction {
-                        Direction::Out => &mut next.outbound,
-                        Direction::In => &mut next.inbound,
-                    };
-                    list[slot] = Some(Arc::new(sa));
+                    if let Some(old) = next.list_mut(d).slot_mut(slot).take() {
+                        next.unindex(&old);
+                        gone(&mut slots, &old, &mut refs);
+                    }
+                    if let Some(other) = next.index(&sa) {
+                        displaced.push((d, sa.params.spi, other));
+                    }
+                    if d == Direction::In {
+                        *refs.entry(policy).or_default() += 1;
+                    }
+                    *next.list_mut(d).slot_mut(slot) = Some(Arc::new(sa));
                 }
                 SaChange::Remove { name, direction } => {
-                    let (map, list) = match direction {
-                        Direction::Out => (&slots.out.map, &mut next.outbound),
-                        Direction::In => (&slots.inb.map, &mut next.inbound),
+                    let map = match direction {
+                        Direction::Out => &slots.out.map,
+                        Direction::In => &slots.inb.map,
                     };
-                    let slot = map
-                        .get(&name)
-                        .map(|&id| index_of(id))
-                        .filter(|&s| list.get(s).is_some_and(|x| x.is_some()));
-                    match slot {
-                        Some(s) => list[s] = None,
+                    let old = map.get(&name).map(|&id| index_of(id)).and_then(|s| {
+                        let list = next.list_mut(direction);
+                        list.get(s)?.as_ref()?;
+                        list.slot_mut(s).take()
+                    });
+                    match old {
+                        Some(old) => {
+                            next.unindex(&old);
+                            gone(&mut slots, &old, &mut refs);
+                        }
                         None => {
                             return Err(SadbError::NoSuchSa {
                                 name,
@@ -538,9 +699,36 @@ impl Sadb {
             }
         }
         // SPIs are checked on the result, so a batch may move an SPI from one
-        // SA to another (remove, or replace, and install together).
-        next.rebuild_index()?;
-        let inbound = next.inbound.iter().any(|s| s.is_some());
+        // SA to another (remove, or replace, and install together): an SA
+        // that lost its SPI's index entry and still has that SPI shares it.
+        for (d, spi, other) in displaced {
+            let Some(o) = next.get(d, other) else {
+                continue;
+            };
+            let holder = next.spi_map(d).get(&spi).copied();
+            if o.params.spi == spi && holder != Some(other) {
+                let name = holder
+                    .and_then(|h| next.get(d, h))
+                    .map(|s| s.params.name.clone())
+                    .unwrap_or_default();
+                return Err(SadbError::SpiInUse {
+                    name,
+                    spi,
+                    other: o.params.name.clone(),
+                });
+            }
+        }
+        let mut ports: Vec<u16> = next.udp_refs.iter().map(|(p, _)| *p).collect();
+        ports.sort_unstable();
+        next.udp_ports = ports;
+        for (policy, delta) in refs {
+            let n = slots.policy_refs.entry(policy).or_default();
+            *n = (*n as i64 + delta).max(0) as u32;
+            if *n == 0 {
+                slots.policy_refs.remove(&policy);
+            }
+        }
+        let inbound = !next.spis.is_empty();
         self.table.store(Arc::new(next));
         self.has_inbound
             .store(inbound, std::sync::atomic::Ordering::Relaxed);
@@ -658,6 +846,10 @@ mod tests {
         assert_eq!(db.reclaim(), 0);
     }
 
+    fn no_rules() -> HashSet<(&'static str, Direction)> {
+        HashSet::new()
+    }
+
     fn remove(name: &str, direction: Direction) -> SaChange {
         SaChange::Remove {
             name: name.into(),
@@ -726,7 +918,7 @@ mod tests {
             db.apply(vec![SaChange::Install(b)]).unwrap();
             db.apply(vec![remove(&format!("c/{}", i - 1), Direction::In)])
                 .unwrap();
-            let gone = db.unbind_unused(&HashSet::new(), &[]);
+            let gone = db.unbind_unused(&no_rules(), &[]);
             assert_eq!(gone.len(), 1);
             assert_eq!(gone[0].name, format!("c/{}", i - 1));
             db.reclaim();
@@ -755,7 +947,7 @@ mod tests {
         let rules: HashSet<(&str, Direction)> = [("p", Direction::In)].into();
         assert_eq!(db.unbind_unused(&rules, &[]).len(), 1);
         assert_eq!(db.find_slot("p", Direction::In), Some(p));
-        assert_eq!(db.unbind_unused(&HashSet::new(), &[]).len(), 1);
+        assert_eq!(db.unbind_unused(&no_rules(), &[]).len(), 1);
         assert_eq!(db.find_slot("p", Direction::In), None);
     }
 
@@ -771,7 +963,7 @@ mod tests {
         let filter: Arc<dyn Any + Send + Sync> = Arc::new(old);
         db.apply(vec![remove("old", Direction::In)]).unwrap();
         let weak: Weak<dyn Any + Send + Sync> = Arc::downgrade(&filter);
-        db.unbind_unused(&HashSet::new(), &[weak]);
+        db.unbind_unused(&no_rules(), &[weak]);
         db.reclaim();
         assert_eq!(db.slot_use().waiting, 1);
         let a = db.slot("a", Direction::In);
@@ -800,8 +992,10 @@ mod tests {
         assert_eq!(index_of(c), index_of(old));
         assert_ne!(c, old);
         // Freed slots come back first in, first out.
-        db.unbind_unused(&[("b", Direction::In), ("c", Direction::In)].into(), &[]);
-        db.unbind_unused(&[("c", Direction::In)].into(), &[]);
+        let bc: HashSet<(&str, Direction)> = [("b", Direction::In), ("c", Direction::In)].into();
+        db.unbind_unused(&bc, &[]);
+        let c: HashSet<(&str, Direction)> = [("c", Direction::In)].into();
+        db.unbind_unused(&c, &[]);
         db.reclaim();
         assert_eq!(index_of(db.slot("x", Direction::In)), index_of(a));
         assert_eq!(index_of(db.slot("y", Direction::In)), index_of(b));
@@ -855,5 +1049,162 @@ mod tests {
             .unwrap();
         }
         assert!(reader.join().unwrap() > 0);
+    }
+
+    /// A small deterministic generator for the randomised test below.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// What a full rebuild would find, against what the batches maintained
+    /// change by change: the SPI indexes, the ESP-in-UDP ports, the inbound
+    /// flag, and which names stay bound.
+    fn check_against_rebuild(db: &Sadb, rules: &HashSet<(&str, Direction)>) {
+        let t = db.load();
+        let mut ports = Vec::new();
+        let mut n = [0usize; 2];
+        for (d, id, sa) in t.iter() {
+            assert!(
+                Arc::ptr_eq(t.by_spi(d, sa.params.spi).unwrap(), sa),
+                "{} ({d:?}) not found by its SPI",
+                sa.params.name
+            );
+            assert_eq!(t.get(d, id).map(|s| s.id), Some(id));
+            n[(d == Direction::In) as usize] += 1;
+            if let (Direction::In, Encap::Udp { dport, .. }) = (d, sa.params.encap) {
+                ports.push(dport);
+            }
+        }
+        assert_eq!(
+            (t.out_spis.len(), t.spis.len()),
+            (n[0], n[1]),
+            "stale index entries"
+        );
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(t.udp_ports, ports);
+        assert_eq!(db.has_inbound(), n[1] > 0);
+        // After unbind_unused, a name is bound exactly when something uses it.
+        drop(t);
+        db.unbind_unused(rules, &[]);
+        let t = db.load();
+        let mut used: HashSet<(String, Direction)> =
+            rules.iter().map(|(n, d)| (n.to_string(), *d)).collect();
+        for (d, _, sa) in t.iter() {
+            used.insert((sa.params.name.clone(), d));
+            if d == Direction::In {
+                used.insert((sa.params.policy_name().to_string(), d));
+            }
+        }
+        let slots = db.slots.lock().unwrap();
+        let bound: HashSet<(String, Direction)> = slots
+            .out
+            .map
+            .keys()
+            .map(|k| (k.clone(), Direction::Out))
+            .chain(slots.inb.map.keys().map(|k| (k.clone(), Direction::In)))
+            .collect();
+        assert_eq!(bound, used);
+    }
+
+    #[test]
+    fn batches_keep_the_indexes_and_bindings_a_rebuild_would_give() {
+        let mut rng = Lcg(7);
+        let db = Sadb::new(2);
+        let rules: HashSet<(&str, Direction)> =
+            [("o3", Direction::Out), ("pol1", Direction::In)].into();
+        // The filter table binds the names its rules give.
+        for (n, d) in &rules {
+            db.slot(n, *d);
+        }
+        for round in 0..400 {
+            let mut batch = Vec::new();
+            for _ in 0..1 + rng.next(6) {
+                let d = if rng.next(2) == 0 {
+                    Direction::In
+                } else {
+                    Direction::Out
+                };
+                let name = format!(
+                    "{}{}",
+                    if d == Direction::In { "i" } else { "o" },
+                    rng.next(12)
+                );
+                if rng.next(4) == 0 {
+                    batch.push(remove(&name, d));
+                } else {
+                    // Few SPIs: conflicts and SPI moves happen often.
+                    let mut p = params(&name, d, 0x100 + rng.next(16) as u32);
+                    if d == Direction::In {
+                        if rng.next(3) == 0 {
+                            p.policy = Some(format!("pol{}", rng.next(3)));
+                        }
+                        if rng.next(3) == 0 {
+                            p.encap = Encap::Udp {
+                                sport: 4500,
+                                dport: 4500 + rng.next(3) as u16,
+                            };
+                        }
+                    }
+                    batch.push(SaChange::Install(p));
+                }
+            }
+            let before = db.load_full_for_tests();
+            if db.apply(batch).is_err() {
+                // Refused: nothing changed.
+                assert!(
+                    Arc::ptr_eq(&before, &db.load_full_for_tests()),
+                    "round {round}"
+                );
+            }
+            drop(before);
+            check_against_rebuild(&db, &rules);
+            db.reclaim();
+        }
+        assert!(!db.load().is_empty());
+    }
+
+    #[test]
+    fn a_batch_copies_only_the_slot_chunks_it_changes() {
+        let db = Sadb::new(1);
+        let n = 3 * CHUNK as u32;
+        db.apply(
+            (0..n)
+                .map(|i| SaChange::Install(params(&format!("s{i}"), Direction::In, 0x1000 + i)))
+                .collect(),
+        )
+        .unwrap();
+        let before = db.load_full_for_tests();
+        // One SA replaced, in the second chunk.
+        let k = CHUNK as u32 + 5;
+        db.apply(vec![SaChange::Install(params(
+            &format!("s{k}"),
+            Direction::In,
+            0x9_0000,
+        ))])
+        .unwrap();
+        let after = db.load_full_for_tests();
+        let shared: Vec<bool> = (0..3)
+            .map(|c| Arc::ptr_eq(&before.inbound.chunks[c], &after.inbound.chunks[c]))
+            .collect();
+        assert_eq!(shared, vec![true, false, true]);
+        assert_eq!(after.inbound.len(), n as usize);
+        assert_eq!(
+            after.inbound_by_spi(0x9_0000).unwrap().1.params.name,
+            format!("s{k}")
+        );
+        assert!(after.inbound_by_spi(0x1000 + k).is_none());
+        assert!(
+            before.inbound_by_spi(0x1000 + k).is_some(),
+            "the old snapshot is untouched"
+        );
+        assert_eq!(after.iter().count(), n as usize);
     }
 }

@@ -95,12 +95,33 @@ fn dir_name(d: Direction) -> &'static str {
     d.as_str()
 }
 
-/// Checks a batch against the SAs installed now (`current`, by name and
-/// direction) and builds its filter table, changing nothing. Every error
-/// names the SA or rule and the field.
+/// The SAs installed now, as planning asks about them: by name, and by
+/// SPI. Lookups only, so that planning a batch costs the batch, not the table.
+pub trait Installed {
+    /// The parameters of the SA of this name and direction.
+    fn params(&self, name: &str, direction: Direction) -> Option<SaParams>;
+    /// The name of the SA of this direction that has this SPI.
+    fn spi_owner(&self, direction: Direction, spi: u32) -> Option<String>;
+}
+
+/// A plain map (tests, and anything small).
+impl Installed for HashMap<(String, Direction), SaParams> {
+    fn params(&self, name: &str, direction: Direction) -> Option<SaParams> {
+        self.get(&(name.to_string(), direction)).cloned()
+    }
+    fn spi_owner(&self, direction: Direction, spi: u32) -> Option<String> {
+        self.iter()
+            .find(|((_, d), p)| *d == direction && p.spi == spi)
+            .map(|((n, _), _)| n.clone())
+    }
+}
+
+/// Checks a batch against the SAs installed now (`current`) and builds its
+/// filter table, changing nothing. Every error names the SA or rule and the
+/// field.
 pub fn plan_batch(
     batch: &Batch,
-    current: &HashMap<(String, Direction), SaParams>,
+    current: &dyn Installed,
     slot: &dyn Fn(&str, Direction) -> u32,
 ) -> Result<Plan, String> {
     // The final state of every SA the batch touches, in first-touch order.
@@ -128,7 +149,7 @@ pub fn plan_batch(
                 let key = (name.clone(), *direction);
                 let exists = match fin.get(&key) {
                     Some(state) => state.is_some(),
-                    None => current.contains_key(&key),
+                    None => current.params(name, *direction).is_some(),
                 };
                 if !exists {
                     return Err(format!(
@@ -144,26 +165,24 @@ pub fn plan_batch(
         }
     }
     // SPIs stay unique per direction over the result (inbound: ESP is found
-    // by SPI; outbound: as the configuration file requires). SAs the batch
-    // does not touch come first, so the error names the batch's SA.
+    // by SPI; outbound: as the configuration file requires). An SA the batch
+    // does not touch keeps its SPI, so the error names the batch's SA.
     let mut spis: HashMap<(Direction, u32), &str> = HashMap::new();
-    let mut all: Vec<(&str, Direction, u32)> = current
-        .iter()
-        .filter(|(k, _)| !fin.contains_key(*k))
-        .map(|(k, p)| (k.0.as_str(), k.1, p.spi))
-        .collect();
-    all.sort_by_key(|(n, d, _)| (*n, dir_name(*d)));
     for key in &order {
         if let Some(Some((p, _))) = fin.get(key) {
-            all.push((key.0.as_str(), key.1, p.spi));
-        }
-    }
-    for (name, d, spi) in all {
-        if let Some(other) = spis.insert((d, spi), name) {
-            let d = dir_name(d);
-            return Err(format!(
-                "SA `{name}` ({d}): spi: {spi:#010x} is already the SPI of {d} SA `{other}`"
-            ));
+            let (name, d) = (key.0.as_str(), key.1);
+            let other = match spis.insert((d, p.spi), name) {
+                Some(earlier) => Some(earlier.to_string()),
+                None => current
+                    .spi_owner(d, p.spi)
+                    .filter(|owner| !fin.contains_key(&(owner.clone(), d))),
+            };
+            if let Some(other) = other {
+                let (spi, d) = (p.spi, dir_name(d));
+                return Err(format!(
+                    "SA `{name}` ({d}): spi: {spi:#010x} is already the SPI of {d} SA `{other}`"
+                ));
+            }
         }
     }
 
@@ -220,8 +239,8 @@ pub fn plan_batch(
                         fingerprint: proto::params_fingerprint(&params),
                     },
                 ));
-                match current.get(key) {
-                    Some(old) if *old == params => plan.applied.sas_unchanged += 1,
+                match current.params(&key.0, key.1) {
+                    Some(old) if old == params => plan.applied.sas_unchanged += 1,
                     Some(_) => {
                         plan.applied.sas_replaced += 1;
                         plan.installs.push(SaChange::Install(params));
@@ -233,7 +252,7 @@ pub fn plan_batch(
                 }
             }
             None => {
-                if let Some(old) = current.get(key) {
+                if let Some(old) = current.params(&key.0, key.1) {
                     plan.applied.sas_removed += 1;
                     let rm = SaChange::Remove {
                         name: key.0.clone(),
