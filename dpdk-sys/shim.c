@@ -3,6 +3,10 @@
 #include <rte_cycles.h>
 #include <rte_pause.h>
 #include <rte_ethdev.h>
+#include <rte_interrupts.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include "shim.h"
 
 int bitw_rte_errno(void) { return rte_errno; }
@@ -50,3 +54,27 @@ unsigned bitw_rte_ring_dequeue_burst(struct rte_ring *r, void **obj_table, unsig
 }
 
 uint64_t bitw_rss_hf_default(void) { return RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP; }
+
+/*
+ * munmap() for the whole process (the executable exports it, so it also
+ * serves the DPDK drivers' calls; see dataplane/build.rs). On EAL's interrupt
+ * thread it first runs the hook bitw installed: net_memif unmaps a departed
+ * peer's shared memory from that thread while a worker may still be inside
+ * rx/tx burst on it, and the hook waits until every worker has left its burst.
+ * Everywhere else it is the plain system call.
+ */
+static void (*bitw_intr_munmap_hook)(void);
+
+void bitw_set_intr_munmap_hook(void (*hook)(void))
+{
+	__atomic_store_n(&bitw_intr_munmap_hook, hook, __ATOMIC_RELEASE);
+}
+
+int munmap(void *addr, size_t len)
+{
+	void (*hook)(void) = __atomic_load_n(&bitw_intr_munmap_hook, __ATOMIC_ACQUIRE);
+
+	if (hook != NULL && rte_thread_is_intr())
+		hook();
+	return (int)syscall(SYS_munmap, addr, len);
+}

@@ -46,4 +46,7 @@ unsigned bitw_rte_ring_dequeue_burst(struct rte_ring *r, void **obj_table,
 /* RSS hash functions bitw asks for when a port has several RX queues
  * (RTE_ETH_RSS_IP | TCP | UDP: macros built from RTE_BIT64, opaque to bindgen). */
 uint64_t bitw_rss_hf_default(void);
+
+/* Runs `hook` before every munmap() made on EAL's interrupt thread (NULL: none). */
+void bitw_set_intr_munmap_hook(void (*hook)(void));
 #endif

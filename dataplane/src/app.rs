@@ -108,6 +108,11 @@ pub struct Summary {
     /// The control channel: sessions, events, and the drops it counted
     /// (those are in `drops` too).
     pub control: ControlTotals,
+    /// Memory a PMD let go of on EAL's interrupt thread (net_memif: a peer
+    /// went away) after waiting for every worker to leave its burst (dpdk.rs,
+    /// "Peers that go away"); and the waits cut short after 1 s.
+    pub pmd_unmap_waits: u64,
+    pub pmd_unmap_wait_timeouts: u64,
 }
 
 fn sa_summaries(sadb: &Sadb) -> (Vec<SaSummary>, usize) {
@@ -459,6 +464,13 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         );
     }
     let sas = sa_summaries(&sadb);
+    let (graces, grace_timeouts) = dpdk::grace_periods();
+    if grace_timeouts > 0 {
+        eprintln!(
+            "bitw-dataplane: warning: {grace_timeouts} of {graces} port teardowns by the PMD \
+             (peer gone) did not wait for every worker (a worker was stuck for 1 s)"
+        );
+    }
     inside.close();
     outside.close();
     // Packets still queued for a worker or the control thread go back to the
@@ -514,6 +526,8 @@ pub fn run(opts: RunOptions) -> Result<Summary, Failure> {
         ports,
         drops,
         control,
+        pmd_unmap_waits: graces,
+        pmd_unmap_wait_timeouts: grace_timeouts,
     };
     if let Err(e) = ran {
         eprintln!("bitw-dataplane: {e}");

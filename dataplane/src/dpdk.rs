@@ -20,7 +20,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Once;
 
 use dpdk_sys as sys;
@@ -266,15 +266,61 @@ pub struct PortStats {
     pub rx_nombuf: u64,
 }
 
-/// The device counters of port `id` (all zero for an unknown port). Safe from
-/// any thread while the port is open: the PMD only reads its counters.
-pub fn port_stats(id: u16) -> PortStats {
+/// Ports whose counters are kept: the highest reading of each counter (the
+/// counters of an open port never go down; a PMD that hides them makes the
+/// reading drop, not the count). Indexed by port id.
+const KEPT_PORTS: usize = 64;
+const PORT_COUNTERS: usize = 8;
+
+struct KeptPort {
+    open: AtomicBool,
+    high: [AtomicU64; PORT_COUNTERS],
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const KEPT_PORT: KeptPort = KeptPort {
+    open: AtomicBool::new(false),
+    high: [const { AtomicU64::new(0) }; PORT_COUNTERS],
+};
+static KEPT: [KeptPort; KEPT_PORTS] = [KEPT_PORT; KEPT_PORTS];
+
+impl PortStats {
+    fn to_array(self) -> [u64; PORT_COUNTERS] {
+        [
+            self.rx_packets,
+            self.rx_bytes,
+            self.tx_packets,
+            self.tx_bytes,
+            self.rx_missed,
+            self.rx_errors,
+            self.tx_errors,
+            self.rx_nombuf,
+        ]
+    }
+
+    fn from_array(a: [u64; PORT_COUNTERS]) -> PortStats {
+        PortStats {
+            rx_packets: a[0],
+            rx_bytes: a[1],
+            tx_packets: a[2],
+            tx_bytes: a[3],
+            rx_missed: a[4],
+            rx_errors: a[5],
+            tx_errors: a[6],
+            rx_nombuf: a[7],
+        }
+    }
+}
+
+/// The device counters of port `id` as the PMD reports them now (`None` for
+/// an unknown port).
+fn read_port_stats(id: u16) -> Option<PortStats> {
     let mut s: sys::rte_eth_stats = Default::default();
     // SAFETY: rte_eth_stats_get checks the port id; s is a valid out pointer.
     if unsafe { sys::rte_eth_stats_get(id, &mut s) } != 0 {
-        return PortStats::default();
+        return None;
     }
-    PortStats {
+    Some(PortStats {
         rx_packets: s.ipackets,
         rx_bytes: s.ibytes,
         tx_packets: s.opackets,
@@ -283,6 +329,156 @@ pub fn port_stats(id: u16) -> PortStats {
         rx_errors: s.ierrors,
         tx_errors: s.oerrors,
         rx_nombuf: s.rx_nombuf,
+    })
+}
+
+/// The device counters of port `id` (all zero for an unknown port). Safe from
+/// any thread while the port is open: the PMD only reads its counters.
+///
+/// For a port bitw opened, each counter is the highest value read since it
+/// was opened: net_memif counts per queue but reports the queues of the
+/// current connection only, so its counters read zero as soon as the peer
+/// is gone (and again the old totals plus the new traffic once a peer is
+/// back). bitw reads them just before the PMD lets go of a departed peer
+/// (see "Peers that go away" below), so nothing counted is lost.
+pub fn port_stats(id: u16) -> PortStats {
+    let now = read_port_stats(id);
+    let Some(kept) = KEPT
+        .get(id as usize)
+        .filter(|k| k.open.load(Ordering::Acquire))
+    else {
+        return now.unwrap_or_default();
+    };
+    let now = now.map(PortStats::to_array).unwrap_or_default();
+    let mut out = [0u64; PORT_COUNTERS];
+    for ((o, h), v) in out.iter_mut().zip(&kept.high).zip(now) {
+        *o = h.fetch_max(v, Ordering::AcqRel).max(v);
+    }
+    PortStats::from_array(out)
+}
+
+// ---------------------------------------------------------------------------
+// Peers that go away.
+//
+// net_memif (DPDK 22.11) runs its control channel on EAL's interrupt thread.
+// When the peer leaves (quits or dies), that thread clears the port's
+// "connected" flag and right away unmaps the peer's shared memory and frees
+// its region descriptors (memif_disconnect → memif_free_regions), with no
+// synchronisation with the data path: a worker that passed the flag check at
+// the top of rx/tx burst a moment before goes on copying from or into the
+// unmapped memory, and the process dies on SIGSEGV (seen in perf/memif.py
+// runs whose testpmds quit under traffic before bitw stopped).
+//
+// bitw supplies the synchronisation, as a quiescent-state scheme (QSBR):
+// - Each worker publishes, once per poll-loop iteration and only between
+//   bursts, the epoch it has read ([`Quiescence::quiescent`]); a worker that
+//   is not polling is offline.
+// - The C shim's munmap() (exported by the executable, so net_memif's calls
+//   bind to it) calls [`before_intr_munmap`] when it runs on the interrupt
+//   thread: it advances the epoch and waits until every online worker has
+//   published the new one. The epoch's read-modify-write comes after the
+//   PMD's flag store on that thread (release); a worker that read the new
+//   epoch (acquire) sees the flag cleared, so its later bursts on the port
+//   return at once, and the bursts it made before have ended (its slot is
+//   stored with release). Only then is the memory unmapped.
+// - While the workers are out of the way the port counters are read (the
+//   PMD hides them right after), see [`port_stats`].
+// The wait is one poll-loop iteration of each worker (microseconds), paid
+// only by munmap calls on the interrupt thread (peer departures).
+
+/// Workers the quiescence scheme tracks (the configuration allows 64).
+pub const QUIESCENCE_SLOTS: usize = 64;
+const OFFLINE: u64 = u64::MAX;
+
+#[repr(align(64))]
+struct Slot(AtomicU64);
+
+#[allow(clippy::declare_interior_mutable_const)]
+const SLOT: Slot = Slot(AtomicU64::new(OFFLINE));
+static SLOTS: [Slot; QUIESCENCE_SLOTS] = [SLOT; QUIESCENCE_SLOTS];
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+/// Grace periods that ended on the timeout rather than with every worker.
+static GRACE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+/// Grace periods completed (munmap calls on the interrupt thread while the
+/// hook was installed).
+static GRACE_PERIODS: AtomicU64 = AtomicU64::new(0);
+static HOOK: Once = Once::new();
+
+/// A worker's place in the quiescence scheme; offline again when dropped.
+pub struct Quiescence {
+    slot: &'static Slot,
+}
+
+impl Quiescence {
+    /// Worker `id` (below [`QUIESCENCE_SLOTS`], one holder at a time) starts
+    /// polling. Installs the munmap hook on first use.
+    pub fn online(id: usize) -> Quiescence {
+        HOOK.call_once(|| {
+            // SAFETY: before_intr_munmap never unwinds, allocates or unmaps
+            // (no reentry into munmap), and lives as long as the process.
+            unsafe {
+                sys::bitw_set_intr_munmap_hook(Some(before_intr_munmap as unsafe extern "C" fn()))
+            }
+        });
+        let slot = &SLOTS[id];
+        slot.0
+            .store(EPOCH.load(Ordering::Acquire), Ordering::Release);
+        Quiescence { slot }
+    }
+
+    /// Between bursts: this worker holds nothing of a port's memory.
+    #[inline]
+    pub fn quiescent(&self) {
+        self.slot
+            .0
+            .store(EPOCH.load(Ordering::Acquire), Ordering::Release);
+    }
+}
+
+impl Drop for Quiescence {
+    fn drop(&mut self) {
+        self.slot.0.store(OFFLINE, Ordering::Release);
+    }
+}
+
+/// (completed grace periods, those that ended on the timeout).
+pub fn grace_periods() -> (u64, u64) {
+    (
+        GRACE_PERIODS.load(Ordering::Relaxed),
+        GRACE_TIMEOUTS.load(Ordering::Relaxed),
+    )
+}
+
+/// Waits for every online worker to pass a quiescent point, then reads the
+/// counters of the open ports. On EAL's interrupt thread, before munmap.
+extern "C" fn before_intr_munmap() {
+    // Never unwinds into C: nothing below panics (no indexing out of range,
+    // no allocation; Instant and yield are system calls).
+    let epoch = EPOCH.fetch_add(1, Ordering::SeqCst) + 1;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut timed_out = false;
+    for slot in &SLOTS {
+        loop {
+            let seen = slot.0.load(Ordering::Acquire);
+            if seen == OFFLINE || seen >= epoch {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                // A worker stuck for a second: do not hang the interrupt thread.
+                timed_out = true;
+                break;
+            }
+            std::thread::yield_now();
+        }
+    }
+    if timed_out {
+        GRACE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+    }
+    GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
+    for (id, k) in KEPT.iter().enumerate() {
+        if k.open.load(Ordering::Acquire) {
+            port_stats(id as u16);
+        }
     }
 }
 
@@ -395,6 +591,12 @@ impl Port {
         // Not every PMD has promiscuous mode (vdevs often don't need it): ignore ENOTSUP.
         // SAFETY: id valid and started.
         unsafe { sys::rte_eth_promiscuous_enable(id) };
+        if let Some(k) = KEPT.get(id as usize) {
+            for h in &k.high {
+                h.store(0, Ordering::Relaxed);
+            }
+            k.open.store(true, Ordering::Release);
+        }
         Ok(Port {
             id,
             name: s.name.to_string(),
@@ -427,6 +629,9 @@ impl Port {
 
     fn shutdown(&mut self) {
         if self.started {
+            if let Some(k) = KEPT.get(self.id as usize) {
+                k.open.store(false, Ordering::Release);
+            }
             // SAFETY: id valid; no worker polls it any more (callers close after join).
             unsafe {
                 sys::rte_eth_dev_stop(self.id);

@@ -226,7 +226,11 @@ impl Worker {
         let mut filter = self.filter.reader();
         let mut punt = self.ctl.punt.reader();
         let mut last = dpdk::tsc();
+        // Between iterations this worker is inside no burst: a port whose
+        // peer went away may be let go of then (dpdk.rs, "Peers that go away").
+        let quiescence = dpdk::Quiescence::online(self.id);
         while !self.stop.load(Ordering::Relaxed) {
+            quiescence.quiescent();
             let f = filter.get(&self.filter);
             let p = punt.get(&self.ctl.punt);
             // IKE is looked for only while the punt set has addresses.
