@@ -1153,12 +1153,7 @@ def main():
         res["disturbed_runs"] = bench.disturbed
 
         md = render(res)
-        print(md)
-        if args.save:
-            fw.save_results("esp", res, md)
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(res, f, indent=1)
+        fw.publish("esp", res, md, args)
         if insane:
             print("FAIL: implausible or failed results: " + "; ".join(insane), file=sys.stderr)
             return 1

@@ -661,6 +661,17 @@ def classbench_trace(path, flow_list):
 # ---------------------------------------------------------------------------- report
 
 
+def publish(name, res, md, args):
+    """Prints the Markdown; saves both under perf/results/ with --save; writes the JSON to
+    --json-out if given (the runners' common ending)."""
+    print(md)
+    if args.save:
+        save_results(name, res, md)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def save_results(name, res, md):
     """Writes perf/results/<name>-<stamp>.json and .md, and <name>-latest.md."""
     os.makedirs(RESULTS, exist_ok=True)

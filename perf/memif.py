@@ -131,15 +131,6 @@ def bitw_config(path, prefix, core, inside, outside, key_file, control_socket):
         f.write("\n".join(lines) + "\n")
 
 
-def key_file(tmp):
-    """A random AES-128-GCM key + 4-byte salt, hex, mode 0600 (bitw refuses keys others may read)."""
-    path = os.path.join(tmp, "to-peer.key")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(os.urandom(20).hex() + "\n")
-    return path
-
-
 # ---------------------------------------------------------------------------- processes
 
 
@@ -662,7 +653,7 @@ def main():
         snap = os.path.join(tmp, "bitw-dataplane")  # one binary for the whole benchmark
         shutil.copy2(args.bitw, snap)
         args.bitw = snap
-        key = key_file(tmp)
+        key = fw.sa_key_file(tmp)
         bench = fw.Bench(args, tmp)
         res = {
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -727,12 +718,7 @@ def main():
         res["disturbed_runs"] = bench.disturbed
         res["repeated_runs"] = sum(r.get("attempt", 1) - 1 for c in cases for r in c["raw"])
         md = render(res)
-        print(md)
-        if args.save:
-            fw.save_results("memif", res, md)
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(res, f, indent=1)
+        fw.publish("memif", res, md, args)
         if insane:
             print("FAIL: failed or implausible runs: " + "; ".join(insane), file=sys.stderr)
             return 1

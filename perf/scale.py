@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -581,12 +580,7 @@ def main():
     res["machine"] = fw.machine_info(dpdk, git_info)
     res["args"]["counts"] = counts
     md = render(res)
-    print(md)
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(res, f, indent=1)
-    if a.save:
-        fw.save_results("scale", res, md)
+    fw.publish("scale", res, md, a)
     return 1 if problems else 0
 
 

@@ -62,7 +62,7 @@ def test_every_packet_from_testpmd_reaches_the_sink_encrypted(dataplane, testpmd
     from scapy.all import IP, Ether
     from scapy.layers.ipsec import ESP, SecurityAssociation
 
-    key_path = memif.key_file(str(tmp_path))
+    key_path = memif.fw.sa_key_file(str(tmp_path))
     key = bytes.fromhex(open(key_path).read().strip())
     pcap = tmp_path / "sink.pcap"
     args = types.SimpleNamespace(core=1, bitw=str(dataplane), testpmd=testpmd)
@@ -127,7 +127,7 @@ def test_memif_peers_leaving_under_traffic(dataplane, testpmd, tmp_path, how):
     stopped: bitw must keep running, then stop on SIGINT with exit 0 and a summary whose memif
     port counters are the packets its workers moved (net_memif hides them once the peer is gone;
     bitw reads them before the PMD lets go of the peer)."""
-    key_path = memif.key_file(str(tmp_path))
+    key_path = memif.fw.sa_key_file(str(tmp_path))
     args = types.SimpleNamespace(core=1, bitw=str(dataplane), testpmd=testpmd)
     for i in range(LEAVE_ROUNDS[how]):
         path = memif.Path3(args, str(tmp_path), "leave-%s%d" % (how, i), 60, key_path,
@@ -171,7 +171,7 @@ def test_memif_peers_come_back_after_leaving(dataplane, testpmd, tmp_path):
     """Twice, both testpmds quit under traffic and new ones connect to bitw's sockets and send
     again: bitw forwards again after each return, and its port counters are still the packets
     its workers moved in all three connections."""
-    key_path = memif.key_file(str(tmp_path))
+    key_path = memif.fw.sa_key_file(str(tmp_path))
     args = types.SimpleNamespace(core=1, bitw=str(dataplane), testpmd=testpmd)
     stem = unique_prefix("memif-back")
     path = memif.Path3(args, str(tmp_path), "back", 60, key_path, stem=stem)

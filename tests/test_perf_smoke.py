@@ -14,15 +14,21 @@ import sys
 from bitw_testlib import REPO_ROOT
 
 
+def run_quick(script, args, tmp_path):
+    """perf/<script> --quick --no-build ARGS; asserts it exited 0 and returns the process and its
+    JSON results."""
+    out = tmp_path / (script + ".json")
+    cmd = [sys.executable, str(REPO_ROOT / "perf" / script), "--quick", "--no-build", *args,
+           "--json-out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"perf/{script} --quick exited {p.returncode}:\n{p.stderr[-4000:]}"
+    return p, json.loads(out.read_text())
+
+
 def test_esp_quick_runs_bitw_secgw_and_aead_bench(dataplane, tmp_path):
     aead_bench = dataplane.parent / "bitw-aead-bench"
     assert aead_bench.is_file(), f"{aead_bench} missing: cargo build --release -p bitw-aead-bench"
-    out = tmp_path / "esp.json"
-    cmd = [sys.executable, str(REPO_ROOT / "perf" / "esp.py"), "--quick", "--no-build",
-           "--bitw", str(dataplane), "--aead-bench", str(aead_bench), "--json-out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"perf/esp.py --quick exited {p.returncode}:\n{p.stderr[-4000:]}"
-    res = json.loads(out.read_text())
+    p, res = run_quick("esp.py", ["--bitw", str(dataplane), "--aead-bench", str(aead_bench)], tmp_path)
     assert res["args"]["secgw"] and res["args"]["secgw_crypto"], res["args"]
     assert not res["problems"], res["problems"]
 
@@ -59,12 +65,7 @@ def test_scale_quick_installs_sas_and_measures_every_case(dataplane, tmp_path):
     every case ran, installed what it should and measured something, never how fast."""
     tool = dataplane.parent / "bitw-scale"
     assert tool.is_file(), f"{tool} missing: cargo build --release -p bitw-scale-tool"
-    out = tmp_path / "scale.json"
-    cmd = [sys.executable, str(REPO_ROOT / "perf" / "scale.py"), "--quick", "--no-build",
-           "--bitw", str(dataplane), "--scale-tool", str(tool), "--json-out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"perf/scale.py --quick exited {p.returncode}:\n{p.stderr[-4000:]}"
-    res = json.loads(out.read_text())
+    p, res = run_quick("scale.py", ["--bitw", str(dataplane), "--scale-tool", str(tool)], tmp_path)
     assert not res["problems"], res["problems"]
     for direction in ("decrypt", "encrypt"):
         cases = res[direction]

@@ -1548,12 +1548,33 @@ impl GcmKey {
     /// Encrypts `data` in place and returns the tag.
     #[inline]
     pub fn seal(&self, iv: &[u8; 12], aad: &[u8], data: &mut [u8]) -> [u8; 16] {
+        self.run(self.enc, iv, aad, data)
+    }
+
+    /// Decrypts `data` in place and checks `tag`; on a mismatch the buffer is
+    /// zeroed (no unauthenticated plaintext is left) and `false` returned.
+    #[inline]
+    pub fn open(&self, iv: &[u8; 12], aad: &[u8], data: &mut [u8], tag: &[u8; 16]) -> bool {
+        let computed = self.run(self.dec, iv, aad, data);
+        // Constant time: every byte is compared whatever the first difference.
+        let diff = computed.iter().zip(tag).fold(0u8, |d, (a, b)| d | (a ^ b));
+        if std::hint::black_box(diff) != 0 {
+            data.fill(0);
+            return false;
+        }
+        true
+    }
+
+    /// One GCM pass of `f` (encrypt or decrypt) over `data` in place; returns
+    /// the tag it computed.
+    #[inline]
+    fn run(&self, f: GcmFn, iv: &[u8; 12], aad: &[u8], data: &mut [u8]) -> [u8; 16] {
         let mut tag = [0u8; 16];
         let mut ctx = imb::gcm_context_data::default();
         // SAFETY: in place (out == in) is supported; every pointer comes with
         // its slice's length; the IV is 12 bytes and the tag 16 (invariants).
         unsafe {
-            (self.enc)(
+            f(
                 &self.data,
                 &mut ctx,
                 data.as_mut_ptr(),
@@ -1567,36 +1588,6 @@ impl GcmKey {
             )
         };
         tag
-    }
-
-    /// Decrypts `data` in place and checks `tag`; on a mismatch the buffer is
-    /// zeroed (no unauthenticated plaintext is left) and `false` returned.
-    #[inline]
-    pub fn open(&self, iv: &[u8; 12], aad: &[u8], data: &mut [u8], tag: &[u8; 16]) -> bool {
-        let mut computed = [0u8; 16];
-        let mut ctx = imb::gcm_context_data::default();
-        // SAFETY: as in `seal`.
-        unsafe {
-            (self.dec)(
-                &self.data,
-                &mut ctx,
-                data.as_mut_ptr(),
-                data.as_ptr(),
-                data.len() as u64,
-                iv.as_ptr(),
-                aad.as_ptr(),
-                aad.len() as u64,
-                computed.as_mut_ptr(),
-                16,
-            )
-        };
-        // Constant time: every byte is compared whatever the first difference.
-        let diff = computed.iter().zip(tag).fold(0u8, |d, (a, b)| d | (a ^ b));
-        if std::hint::black_box(diff) != 0 {
-            data.fill(0);
-            return false;
-        }
-        true
     }
 }
 
