@@ -169,7 +169,7 @@ impl Shared {
     /// Whether a control session is up (it wants neighbours, acquires).
     #[inline]
     pub fn session_up(&self) -> bool {
-        self.session_up.load(Ordering::Relaxed)
+        self.session_up.load(Ordering::Acquire)
     }
 
     /// Whether packets without their SA are held: only while a session can
@@ -618,14 +618,17 @@ impl<'a> Ctl<'a> {
                     software: self.software.clone(),
                     instance: self.instance.clone(),
                 };
+                // Up before the welcome leaves: a frame the control sends once
+                // welcomed must already meet workers that learn neighbours for
+                // it (they forward uninspected while no session is up).
+                s.phase = Phase::Ready;
+                self.shared.session_up.store(true, Ordering::Release);
                 if let Err(e) = s.conn.send(&welcome) {
                     self.end_session(&e.to_string());
                     return;
                 }
-                s.phase = Phase::Ready;
                 let peer = s.conn.peer().to_string();
                 self.totals.sessions += 1;
-                self.shared.session_up.store(true, Ordering::Relaxed);
                 log(format_args!(
                     "control session {peer} started ({}, protocol version {version})",
                     h.software
