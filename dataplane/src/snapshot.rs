@@ -1,10 +1,11 @@
 //! A value that one writer (the control thread) replaces at run time and the
-//! workers read on every loop iteration: the filter table, the punt set.
+//! workers read every loop iteration and after every RX burst: the filter
+//! table, the punt set.
 //!
 //! The value sits in an `ArcSwap`; next to it a version counter moves on with
 //! every replacement. A worker keeps its own `Arc` of the value ([`Reader`])
 //! and re-loads it only when the version changed, so an unchanged value costs
-//! one atomic load per iteration instead of an `ArcSwap` guard (two atomic
+//! one atomic load per read instead of an `ArcSwap` guard (two atomic
 //! read-modify-writes). A worker lets go of a replaced value at its next
 //! iteration; the writer keeps the old value until then, so the last
 //! reference (and the free) is never the worker's (see `ctl`).

@@ -32,7 +32,7 @@ use crate::filter::{Direction, FilterTable, FlowCache, Verdict, PROTO_ICMPV6};
 use crate::latency::LatencyRecorder;
 use crate::sa::{ReplayError, SaEvent};
 use crate::sadb::{SaTable, Sadb};
-use crate::snapshot::Published;
+use crate::snapshot::{Published, Reader};
 use crate::wire::{self, parse_into, FrameKind};
 
 /// Work handed to an SA's owner.
@@ -99,7 +99,7 @@ pub struct Worker {
     /// Flow-cache entries per direction and address family (0: no cache).
     pub flow_cache: usize,
     /// The filter table; control replaces it at run time. The worker checks
-    /// for a new one once per loop iteration (one atomic load).
+    /// for a new one after each RX burst (one atomic load).
     pub filter: Arc<Published<FilterTable>>,
     pub sadb: Arc<Sadb>,
     pub handoff: Arc<Handoff>,
@@ -109,6 +109,13 @@ pub struct Worker {
     pub drop_unknown_spi: bool,
     pub counters: Arc<WorkerCounters>,
     pub stop: Arc<AtomicBool>,
+}
+
+/// A worker's copies of what control publishes: refreshed every loop
+/// iteration, and read after each RX burst.
+struct Views {
+    filter: Reader<FilterTable>,
+    punt: Reader<PuntSet>,
 }
 
 /// Per-burst scratch space, allocated once per worker.
@@ -223,21 +230,23 @@ impl Worker {
         });
         let c = &self.counters;
         c.lcore.set(dpdk::lcore_id() as u64);
-        let mut filter = self.filter.reader();
-        let mut punt = self.ctl.punt.reader();
+        let mut views = Views {
+            filter: self.filter.reader(),
+            punt: self.ctl.punt.reader(),
+        };
         let mut last = dpdk::tsc();
         // Between iterations this worker is inside no burst: a port whose
         // peer went away may be let go of then (dpdk.rs, "Peers that go away").
         let quiescence = dpdk::Quiescence::online(self.id);
         while !self.stop.load(Ordering::Relaxed) {
             quiescence.quiescent();
-            let f = filter.get(&self.filter);
-            let p = punt.get(&self.ctl.punt);
-            // IKE is looked for only while the punt set has addresses.
-            let p = (!p.is_empty()).then_some(p);
-            let n = self.step(Direction::Out, f, p, &mut burst, &mut s)
-                + self.step(Direction::In, f, p, &mut burst, &mut s)
-                + self.drain_inbox(f, &mut s);
+            // Lets go of replaced tables even while no frame arrives: control
+            // frees them, and the SA slots they name, only after that.
+            views.filter.get(&self.filter);
+            views.punt.get(&self.ctl.punt);
+            let n = self.step(Direction::Out, &mut views, &mut burst, &mut s)
+                + self.step(Direction::In, &mut views, &mut burst, &mut s)
+                + self.drain_inbox(&mut views, &mut s);
             // One TSC read per iteration: it ends this one and starts the next.
             let now = dpdk::tsc();
             let spent = now.wrapping_sub(last);
@@ -290,19 +299,18 @@ impl Worker {
 
     /// One burst in one direction; returns how many frames it received.
     #[inline]
-    fn step(
-        &self,
-        dir: Direction,
-        filter: &FilterTable,
-        punt: Option<&PuntSet>,
-        burst: &mut Burst,
-        s: &mut Scratch,
-    ) -> usize {
+    fn step(&self, dir: Direction, views: &mut Views, burst: &mut Burst, s: &mut Scratch) -> usize {
         let (rx, tx, rx_side, tx_side) = self.queues(dir);
         let n = burst.rx(rx, self.burst);
         if n == 0 {
             return 0;
         }
+        // The tables are read after the frames: a frame that arrives after
+        // control was told "applied" meets what was applied.
+        let filter = views.filter.get(&self.filter);
+        let punt = views.punt.get(&self.ctl.punt);
+        // IKE is looked for only while the punt set has addresses.
+        let punt = (!punt.is_empty()).then_some(punt);
         let rx_at = dpdk::tsc();
         let c = &self.counters;
         c.rx_bursts.add(1);
@@ -752,11 +760,12 @@ impl Worker {
     }
 
     /// Processes packets other workers handed to this one (it owns their SAs).
-    fn drain_inbox(&self, filter: &FilterTable, s: &mut Scratch) -> usize {
+    fn drain_inbox(&self, views: &mut Views, s: &mut Scratch) -> usize {
         let inbox = &self.handoff.inboxes[self.id];
         if inbox.is_empty() {
             return 0;
         }
+        let filter = views.filter.get(&self.filter);
         let table = self.sadb.load();
         let mut t = Tally::default();
         let mut n = 0;
