@@ -680,7 +680,7 @@ impl<'a> Ctl<'a> {
 
     fn request(&mut self, msg: &serde_json::value::RawValue) {
         let received = Instant::now();
-        let (id, req) = match serde_json::from_str::<ToDataplane>(msg.get()) {
+        let (id, req) = match ToDataplane::from_json(msg.get()) {
             Ok(r) => (r.id, r.request),
             Err(e) => {
                 // Which request failed, if it says.
