@@ -25,7 +25,7 @@ mod hold;
 mod neighbors;
 mod plan;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,7 +46,7 @@ use crate::counters::{DropReason, PortSide, WorkerCounters};
 use crate::dpdk::{self, Mbuf, Mempool};
 use crate::filter::{Direction, FilterTable, FlowKey, Verdict};
 use crate::sa::{SaEvent, SaParams};
-use crate::sadb::{SaChange, SaTable, Sadb};
+use crate::sadb::{FastMap, SaChange, SaTable, Sadb};
 use crate::snapshot::Published;
 use crate::wire::{self, FrameKind};
 use crate::worker::{Handoff, HandoffItem, Job, SaEventRecord};
@@ -271,7 +271,7 @@ pub struct Ctl<'a> {
     instance: String,
     software: String,
     burst: usize,
-    meta: HashMap<(String, Direction), SaMeta>,
+    meta: FastMap<(String, Direction), SaMeta>,
     policy: PolicySpec,
     punt_addrs: Vec<IpAddr>,
     neighbors: Neighbors,

@@ -63,6 +63,12 @@ impl Hasher for SpiHasher {
 
 type SpiMap<V> = HashMap<u32, V, BuildHasherDefault<SpiHasher>>;
 
+/// The control thread's maps of names and ids: the keys come from the
+/// control process (trusted), so a fast hash; SipHash was a tenth of an
+/// install's time.
+pub type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+pub type FastSet<K> = HashSet<K, rustc_hash::FxBuildHasher>;
+
 /// Bits of an SA id that give the slot index; the rest is the generation.
 pub const INDEX_BITS: u32 = 20;
 /// The index part of an id.
@@ -323,7 +329,7 @@ pub enum SadbError {
 /// The names of one direction and their ids.
 #[derive(Default)]
 struct Names {
-    map: HashMap<String, u32>,
+    map: FastMap<String, u32>,
     /// The first index never handed out.
     next: u32,
     /// Ids (next generation of a freed slot) ready for use, oldest first.
@@ -377,7 +383,7 @@ struct Slots {
     inb: Names,
     waiting: VecDeque<Quarantine>,
     /// Inbound policy id -> how many installed inbound SAs carry it.
-    policy_refs: HashMap<u32, u32>,
+    policy_refs: FastMap<u32, u32>,
 }
 
 /// How the slots are used, for statistics.
@@ -618,8 +624,8 @@ impl Sadb {
         // SPIs an installed SA took from another SA: checked on the result.
         let mut displaced: Vec<(Direction, u32, u32)> = Vec::new();
         // Changes to `policy_refs`, kept only if the batch is accepted.
-        let mut refs: HashMap<u32, i64> = HashMap::new();
-        let gone = |slots: &mut Slots, old: &Sa, refs: &mut HashMap<u32, i64>| {
+        let mut refs: FastMap<u32, i64> = FastMap::default();
+        let gone = |slots: &mut Slots, old: &Sa, refs: &mut FastMap<u32, i64>| {
             let d = old.params.direction;
             let names = match d {
                 Direction::Out => &mut slots.out,

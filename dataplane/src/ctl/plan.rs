@@ -13,7 +13,7 @@ use bitw_common::proto::{
 
 use crate::filter::{Direction, FilterTable, Rule};
 use crate::sa::SaParams;
-use crate::sadb::SaChange;
+use crate::sadb::{FastMap, FastSet, SaChange};
 use crate::wire;
 
 /// The largest datagram `Inject` takes: an mbuf's data room less the Ethernet header.
@@ -126,8 +126,8 @@ pub fn plan_batch(
 ) -> Result<Plan, String> {
     // The final state of every SA the batch touches, in first-touch order.
     let mut order: Vec<(String, Direction)> = Vec::new();
-    let mut fin: HashMap<(String, Direction), Option<(SaParams, Origin)>> = HashMap::new();
-    let mut installed_here: HashSet<(String, Direction)> = HashSet::new();
+    let mut fin: FastMap<(String, Direction), Option<(SaParams, Origin)>> = FastMap::default();
+    let mut installed_here: FastSet<(String, Direction)> = FastSet::default();
     for (i, change) in batch.sas.iter().enumerate() {
         match change {
             WireSaChange::Install(spec) => {
@@ -167,7 +167,7 @@ pub fn plan_batch(
     // SPIs stay unique per direction over the result (inbound: ESP is found
     // by SPI; outbound: as the configuration file requires). An SA the batch
     // does not touch keeps its SPI, so the error names the batch's SA.
-    let mut spis: HashMap<(Direction, u32), &str> = HashMap::new();
+    let mut spis: FastMap<(Direction, u32), &str> = FastMap::default();
     for key in &order {
         if let Some(Some((p, _))) = fin.get(key) {
             let (name, d) = (key.0.as_str(), key.1);
@@ -222,7 +222,7 @@ pub fn plan_batch(
         applied: Applied::default(),
     };
     // SPIs the installs take: an SA being removed that holds one goes early.
-    let new_spis: HashSet<u32> = order
+    let new_spis: FastSet<u32> = order
         .iter()
         .filter_map(|k| match fin.get(k) {
             Some(Some((p, _))) if k.1 == Direction::In => Some(p.spi),
