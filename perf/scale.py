@@ -330,6 +330,12 @@ def case_install(a, tmp, key_hex, key_path, esp1):
                             "--batch", a.batch, "--spi-base", SPI_BASE_IN, "--key", key_hex, "--policy", POLICY,
                             "--tunnel-src", PEER_GW, "--tunnel-dst", LOCAL_GW, "--direction", "in"],
                   timeout=900 + a.install_count / 1000 + a.runs * a.seconds * 6)
+        # Then Applies the size of a Child SA rekey (2 SAs, one at a time) on top
+        # of the full table: what an Apply costs that does not scale with its batch.
+        small = drive(a, dp, sock, ["--install", a.small_applies * 2, "--start", a.install_count + 1,
+                                    "--batch", 2, "--window", 1, "--spi-base", SPI_BASE_IN, "--key", key_hex,
+                                    "--policy", POLICY, "--tunnel-src", PEER_GW, "--tunnel-dst", LOCAL_GW,
+                                    "--direction", "in"], timeout=600)
     except BaseException:
         dp.kill()
         raise
@@ -341,9 +347,13 @@ def case_install(a, tmp, key_hex, key_path, esp1):
            "sas_per_second": r["install"]["sas_per_second"],
            "forwarding_share": during / idle["median"] if idle and idle["median"] else None,
            "others_cpu": r["others_cpu"],
+           "small": {"applies": a.small_applies, "sas_per_second": small["install"]["sas_per_second"],
+                     "apply_seconds_median": small["install"]["apply_seconds_median"],
+                     "apply_seconds_max": small["install"]["apply_seconds_max"]},
            "problems": summary_problems(s, "decrypt")}
-    if r["sa_count"] != a.install_count + 1:
-        res["problems"].append("%d SAs installed, expected %d" % (r["sa_count"], a.install_count + 1))
+    want = a.install_count + 1 + 2 * a.small_applies
+    if small["sa_count"] != want:
+        res["problems"].append("%d SAs installed, expected %d" % (small["sa_count"], want))
     return res
 
 
@@ -425,6 +435,12 @@ def render(res):
                 % (_n(TARGET_INSTALL), TARGET_FORWARD_SHARE * 100,
                    "met" if i["sas_per_second"] >= TARGET_INSTALL and (i["forwarding_share"] or 0) >= TARGET_FORWARD_SHARE
                    else "not met"), ""]
+        if i.get("small"):
+            sm = i["small"]
+            out += ["Then %s Applies of 2 SAs each, one at a time, on top of the %s (a Child SA rekey's "
+                    "size): Apply median %.3f ms, max %.3f ms (dataplane); %s SAs/s." % (
+                        _n(sm["applies"]), _n(i["sas"] + 1), 1000 * sm["apply_seconds_median"],
+                        1000 * sm["apply_seconds_max"], _n(sm["sas_per_second"])), ""]
     elif i:
         out += ["## SA installs while forwarding", "", "failed: %s" % i["failed"][:500], ""]
     if res["problems"]:
@@ -447,6 +463,8 @@ def main():
     ap.add_argument("--install-count", type=int, default=None,
                     help="SAs installed in the install case (default: the largest count - 1)")
     ap.add_argument("--batch", type=int, default=10000, help="SAs per Apply (default 10000)")
+    ap.add_argument("--small-applies", type=int, default=500,
+                    help="install case: then this many Applies of 2 SAs on the full table (default 500)")
     ap.add_argument("--cases", default="decrypt,encrypt,install", help="subset of decrypt,encrypt,install")
     ap.add_argument("--core", type=int, default=1, help="CPU of the worker (default 1)")
     ap.add_argument("--start-timeout", type=float, default=120, help="seconds for a dataplane to start (default 120)")
@@ -467,6 +485,7 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.counts, a.runs, a.seconds = "1,1000", 1, 1.0
+        a.small_applies = min(a.small_applies, 20)
         a.quiet_wait = min(a.quiet_wait, 5)
         if a.save is None:
             a.save = False

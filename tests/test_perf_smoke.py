@@ -83,4 +83,6 @@ def test_scale_quick_installs_sas_and_measures_every_case(dataplane, tmp_path):
     assert inst["install"]["installed"] == inst["sas"] == 999, inst["install"]
     assert inst["sas_per_second"] > 0 and inst["idle_mpps"]["median"] > 0 and inst["during_mpps"] > 0, inst
     assert inst["forwarding_share"] > 0, inst
+    # Then rekey-sized Applies on the full table (their SA count is checked by scale.py).
+    assert inst["small"]["applies"] == 20 and inst["small"]["sas_per_second"] > 0, inst["small"]
     assert "SA installs while forwarding" in p.stdout and "MB per 100 000 SAs" in p.stdout, p.stdout[-2000:]
