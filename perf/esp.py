@@ -171,40 +171,12 @@ def key_file(tmp, name, aead):
 # ---------------------------------------------------------------------------- configs
 
 
-def _toml(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    return fw.toml_str(v)
-
-
 def esp_config(path, prefix, core, inside, outside, policy, sa, crypto="auto"):
     """One worker, one protect rule, one SA; everything else as perf/forwarding.py's runs."""
-    lines = [
-        "[eal]",
-        "args = [%s]" % ", ".join(fw.toml_str(a) for a in fw.EAL_COMMON + ["--file-prefix", prefix]),
-        "",
-        "[dataplane]",
-        "workers = 1",
-        "burst = %d" % fw.BURST,
-        "cores = [%d]" % core,
-        "rx_descriptors = %d" % fw.DESCRIPTORS,
-        "tx_descriptors = %d" % fw.DESCRIPTORS,
-        "mbufs = %d" % fw.MBUFS,
-        'default_action = "discard"',
-        "crypto = %s" % fw.toml_str(crypto),
-        "",
-        "[ports.inside]",
-        "device = %s" % fw.toml_str(inside),
-        "[ports.outside]",
-        "device = %s" % fw.toml_str(outside),
-        "",
-        "[[policy]]",
-    ]
-    lines += ["%s = %s" % (k, _toml(v)) for k, v in policy.items()]
-    lines += ["", "[[sa]]"]
-    lines += ["%s = %s" % (k, _toml(v)) for k, v in sa.items()]
+    lines = fw.config_head(prefix, core, inside, outside, default_action="discard",
+                           dataplane=[("crypto", crypto)])
+    lines += ["", "[[policy]]"] + ["%s = %s" % (k, fw.toml_value(v)) for k, v in policy.items()]
+    lines += ["", "[[sa]]"] + ["%s = %s" % (k, fw.toml_value(v)) for k, v in sa.items()]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -923,14 +895,7 @@ def main():
             aead_sizes[aead].append(size)
 
     git_info = fw.git_state()
-    if not args.no_build:
-        cargo = shutil.which("cargo") or os.path.expanduser("~/.cargo/bin/cargo")
-        print("== cargo build --release -p bitw-dataplane -p bitw-aead-bench", file=sys.stderr)
-        subprocess.run([cargo, "build", "--release", "-p", "bitw-dataplane", "-p", "bitw-aead-bench"],
-                       cwd=ROOT, check=True)
-    for path in (args.bitw, args.aead_bench):
-        if not os.path.exists(path):
-            raise SystemExit("%s not found: cargo build --release" % path)
+    fw.build(["bitw-dataplane", "bitw-aead-bench"], args.no_build, [args.bitw, args.aead_bench])
     secgw_desc = None
     if args.secgw:
         if MAIN_AEAD not in aeads:

@@ -307,15 +307,23 @@ def toml_str(v):
     return json.dumps(v)  # a JSON string is a valid TOML basic string
 
 
-def bitw_config(path, inside, outside, prefix, core, rules=(), default_action="bypass", mbufs=MBUFS,
-                flow_cache=None, sa_key=None):
-    """flow_cache None: bitw's default (DEFAULT_FLOW_CACHE); 0 turns the cache off.
+def toml_value(v):
+    """A TOML value of a bool, an int or a string."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return toml_str(v)
 
-    sa_key: a key file; then every SA a protect rule names gets an [[sa]] table (bitw versions
-    with SAs insist on them; older ones know no [[sa]]: see probe_sa_tables)."""
+
+def config_head(prefix, core, inside, outside, mbufs=MBUFS, default_action="bypass", eal=None,
+                dataplane=(), control_socket=None):
+    """The [eal], [dataplane], [control] and [ports.*] lines every runner's one-worker config
+    starts with: `eal` replaces EAL_COMMON, `dataplane` adds (key, value) pairs."""
+    eal = (EAL_COMMON if eal is None else eal) + ["--file-prefix", prefix]
     lines = [
         "[eal]",
-        "args = [%s]" % ", ".join(toml_str(a) for a in EAL_COMMON + ["--file-prefix", prefix]),
+        "args = [%s]" % ", ".join(toml_str(a) for a in eal),
         "",
         "[dataplane]",
         "workers = 1",
@@ -326,15 +334,38 @@ def bitw_config(path, inside, outside, prefix, core, rules=(), default_action="b
         "mbufs = %d" % mbufs,
         "default_action = %s" % toml_str(default_action),
     ]
-    if flow_cache is not None:
-        lines.append("flow_cache = %d" % flow_cache)
-    lines += [
+    lines += ["%s = %s" % (k, toml_value(v)) for k, v in dataplane]
+    if control_socket is not None:
+        lines += ["", "[control]", "socket = %s" % toml_str(control_socket)]
+    return lines + [
         "",
         "[ports.inside]",
         "device = %s" % toml_str(inside),
         "[ports.outside]",
         "device = %s" % toml_str(outside),
     ]
+
+
+def build(packages, skip, binaries):
+    """cargo build --release of `packages` (unless `skip`), then every binary must exist."""
+    if not skip:
+        cargo = shutil.which("cargo") or os.path.expanduser("~/.cargo/bin/cargo")
+        print("== cargo build --release -p %s" % " -p ".join(packages), file=sys.stderr)
+        subprocess.run([cargo, "build", "--release", "-q"] + [a for p in packages for a in ("-p", p)],
+                       cwd=ROOT, check=True)
+    for path in binaries:
+        if not os.path.isfile(path):
+            raise SystemExit("%s not found: cargo build --release -p %s" % (path, " -p ".join(packages)))
+
+
+def bitw_config(path, inside, outside, prefix, core, rules=(), default_action="bypass", mbufs=MBUFS,
+                flow_cache=None, sa_key=None):
+    """flow_cache None: bitw's default (DEFAULT_FLOW_CACHE); 0 turns the cache off.
+
+    sa_key: a key file; then every SA a protect rule names gets an [[sa]] table (bitw versions
+    with SAs insist on them; older ones know no [[sa]]: see probe_sa_tables)."""
+    lines = config_head(prefix, core, inside, outside, mbufs, default_action,
+                        dataplane=[] if flow_cache is None else [("flow_cache", flow_cache)])
     for r in rules:
         lines += ["", "[[policy]]", "direction = \"out\""]
         lines += ["%s = %s" % (k, toml_str(v)) for k, v in r.items()]
@@ -1186,12 +1217,7 @@ def main():
         setattr(args, attr, path)
 
     git_info = git_state()
-    if not args.no_build:
-        cargo = shutil.which("cargo") or os.path.expanduser("~/.cargo/bin/cargo")
-        print("== cargo build --release -p bitw-dataplane", file=sys.stderr)
-        subprocess.run([cargo, "build", "--release", "-p", "bitw-dataplane"], cwd=ROOT, check=True)
-    if not os.path.exists(args.bitw):
-        raise SystemExit("%s not found: cargo build --release -p bitw-dataplane" % args.bitw)
+    build(["bitw-dataplane"], args.no_build, [args.bitw])
 
     command = " ".join(["python3 perf/forwarding.py"] + sys.argv[1:])
     tmp = tempfile.mkdtemp(prefix="bitw-perf-")

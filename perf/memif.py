@@ -86,23 +86,9 @@ def memif_vdev(index, role, sock, mac=None):
 def bitw_config(path, prefix, core, inside, outside, key_file, control_socket):
     """One worker, default discard, one protect rule for testpmd's flow, one outbound tunnel SA."""
     q = fw.toml_str
-    lines = [
-        "[eal]",
-        "args = [%s]" % ", ".join(q(a) for a in fw.EAL_COMMON + ["--file-prefix", prefix]),
-        "",
-        "[dataplane]",
-        "workers = 1",
-        "burst = %d" % fw.BURST,
-        "cores = [%d]" % core,
-        "rx_descriptors = %d" % fw.DESCRIPTORS,
-        "tx_descriptors = %d" % fw.DESCRIPTORS,
-        "mbufs = %d" % fw.MBUFS,
-        'default_action = "discard"',
-        "",
-        "[ports.inside]",
-        "device = %s" % q(inside),
-        "[ports.outside]",
-        "device = %s" % q(outside),
+    lines = fw.config_head(prefix, core, inside, outside, default_action="discard",
+                           control_socket=control_socket)
+    lines += [
         "",
         "[[policy]]",
         'name = "testpmd-flow"',
@@ -123,9 +109,6 @@ def bitw_config(path, prefix, core, inside, outside, key_file, control_socket):
         'aead = "aes128gcm16"',
         "key_file = %s" % q(key_file),
         "esn = false",
-        "",
-        "[control]",
-        "socket = %s" % q(control_socket),
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -640,12 +623,7 @@ def main():
     args.testpmd = tp
 
     git_info = fw.git_state()
-    if not args.no_build:
-        cargo = shutil.which("cargo") or os.path.expanduser("~/.cargo/bin/cargo")
-        print("== cargo build --release -p bitw-dataplane", file=sys.stderr)
-        subprocess.run([cargo, "build", "--release", "-p", "bitw-dataplane"], cwd=ROOT, check=True)
-    if not os.path.exists(args.bitw):
-        raise SystemExit("%s not found: cargo build --release -p bitw-dataplane" % args.bitw)
+    fw.build(["bitw-dataplane"], args.no_build, [args.bitw])
 
     tmp = tempfile.mkdtemp(prefix="bitw-memif-")
     problems, failed = [], []

@@ -84,35 +84,12 @@ def config(path, a, prefix, packets, inside, outside, socket, policies, sas):
     mbufs = fw.MBUFS + packets
     # rte_acl's compiled rules live in EAL memory too (~10 KB per /32 rule measured at 100 000).
     mem = 1024 + (mbufs * MBUF_BYTES + len(policies) * ACL_RULE_BYTES) // (1 << 20)
-    eal = [x for x in fw.EAL_COMMON if x not in ("-m", "512")] + ["-m", str(mem), "--file-prefix", prefix]
-    lines = [
-        "[eal]",
-        "args = [%s]" % ", ".join(fw.toml_str(x) for x in eal),
-        "",
-        "[dataplane]",
-        "workers = 1",
-        "burst = %d" % fw.BURST,
-        "cores = [%d]" % a.core,
-        "rx_descriptors = %d" % fw.DESCRIPTORS,
-        "tx_descriptors = %d" % fw.DESCRIPTORS,
-        "mbufs = %d" % mbufs,
-        'default_action = "discard"',
-        "",
-        "[control]",
-        "socket = %s" % fw.toml_str(socket),
-        "",
-        "[ports.inside]",
-        "device = %s" % fw.toml_str(inside),
-        "[ports.outside]",
-        "device = %s" % fw.toml_str(outside),
-    ]
+    eal = [x for x in fw.EAL_COMMON if x not in ("-m", "512")] + ["-m", str(mem)]
+    lines = fw.config_head(prefix, a.core, inside, outside, mbufs, "discard", eal=eal, control_socket=socket)
     out = ["\n".join(lines) + "\n"]
-    for p in policies:
-        out.append("\n[[policy]]\n" + "".join("%s = %s\n" % (k, fw.toml_str(v)) for k, v in p))
-    for s in sas:
-        out.append("\n[[sa]]\n" + "".join("%s = %s\n" % (k, fw.toml_str(v) if isinstance(v, str) else
-                                                         ("true" if v is True else "false" if v is False else v))
-                                          for k, v in s))
+    for table, entries in (("policy", policies), ("sa", sas)):
+        for e in entries:
+            out.append("\n[[%s]]\n" % table + "".join("%s = %s\n" % (k, fw.toml_value(v)) for k, v in e))
     with open(path, "w") as f:
         f.writelines(out)
 
@@ -508,17 +485,11 @@ def main():
     a.counts_list = counts
 
     git_info = fw.git_state()
-    if not a.no_build:
-        cargo = shutil.which("cargo") or os.path.expanduser("~/.cargo/bin/cargo")
-        log("== cargo build --release -p bitw-dataplane -p bitw-scale-tool")
-        subprocess.run([cargo, "build", "--release", "-q", "-p", "bitw-dataplane", "-p", "bitw-scale-tool"],
-                       cwd=ROOT, check=True)
+    tool = a.scale_tool or os.path.join(os.path.dirname(os.path.abspath(a.bitw)), "bitw-scale")
+    fw.build(["bitw-dataplane", "bitw-scale-tool"], a.no_build, [a.bitw, tool])
     tmp = tempfile.mkdtemp(prefix="bitw-scale-")
     # One benchmark, one binary, even if someone rebuilds meanwhile.
-    tool = a.scale_tool or os.path.join(os.path.dirname(os.path.abspath(a.bitw)), "bitw-scale")
     for attr, path in (("bitw", a.bitw), ("scale_tool", tool)):
-        if not os.path.isfile(path):
-            raise SystemExit("%s not found (cargo build --release --workspace --bins)" % path)
         dst = os.path.join(tmp, os.path.basename(path))
         shutil.copy2(path, dst)
         setattr(a, attr, dst)
